@@ -1,0 +1,87 @@
+"""Command line: ``python -m helpers {manifest check,twin,study}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _manifest_check(args: argparse.Namespace) -> int:
+    from helpers.manifest import load, summary
+
+    print(summary(load(args.path)))
+    print("manifest OK")
+    return 0
+
+
+def _twin(args: argparse.Namespace) -> int:
+    from helpers.twin import generate
+
+    started = time.perf_counter()
+    summary = generate(Path(args.out), profile=args.profile, seed=args.seed, image_share=args.image_share,
+                       tasks=tuple(args.tasks), progress=True)
+    print(f"digital twin ({args.profile}, seed {args.seed}) written to {args.out} in {time.perf_counter() - started:.1f} s")
+    for task, info in summary.items():
+        print(f"  {task}: {info}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from helpers.study import run_study
+
+    started = time.perf_counter()
+    report = run_study(Path(args.manifest), profile=args.profile, only=args.only, force=args.force,
+                       build=not args.no_book)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"study: {len(report.ran)} notebook(s) run, {len(report.skipped_up_to_date)} up to date, "
+          f"{len(report.failed)} failed, {len(report.not_run)} not run ({minutes:.1f} min)")
+    for key, message in report.failed.items():
+        print(f"  FAILED {key}: {message}")
+    for key, why in report.not_run.items():
+        print(f"  not run {key}: {why}")
+    if report.book is not None:
+        print(f"The book is built: open {report.book}")
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    manifest = sub.add_parser("manifest", help="manifest commands")
+    msub = manifest.add_subparsers(dest="manifest_command", required=True)
+    check = msub.add_parser("check", help="validate the manifest, verify checksums, print a summary")
+    check.add_argument("path", nargs="?", default="data_manifest.yaml")
+    check.set_defaults(func=_manifest_check)
+
+    twin = sub.add_parser("twin", help="write the digital twin")
+    twin.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    twin.add_argument("--seed", type=int, default=0)
+    twin.add_argument("--image-share", type=float, default=0.5)
+    twin.add_argument("--tasks", nargs="+", default=["pe", "mace"], choices=["pe", "mace"])
+    twin.add_argument("--out", required=True)
+    twin.set_defaults(func=_twin)
+
+    study = sub.add_parser("study", help="run the study grid with papermill and build the book")
+    study.add_argument("--profile", choices=["quick", "paper"], default=None,
+                       help="digital-twin size (default: the manifest's)")
+    study.add_argument("--only", default=None, help="restrict the grid, e.g. task=pe,fusion=concat")
+    study.add_argument("--manifest", default="data_manifest.yaml")
+    study.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
+    study.add_argument("--no-book", action="store_true", help="do not build the book")
+    study.set_defaults(func=_study)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # ManifestError, ParameterError, CohortError, ... : one clear line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Cohort construction: OMOP CDM tables + an imaging index -> one row per CT study.
+
+The OMOP tables are queried with DuckDB, from a folder of ``<table>.parquet`` files (the
+digital twin writes one) or from a DuckDB database file. The result follows the cohort table
+format of DESIGN.md: ``study_id``, ``person_id`` (strings), ``institution``, ``index_time``,
+``time`` (days from the index CT, > 0), ``event`` (1 observed, 0 censored) and ``split``.
+
+Every study of the imaging index either enters the cohort or is listed in the exclusion table
+with its reason: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from helpers.manifest import Manifest, ManifestError
+from helpers.tasks import Task, get_task
+from helpers.vocabulary import concepts_in_group
+
+__all__ = [
+    "OMOP_TABLES",
+    "IMAGING_INDEX_COLUMNS",
+    "COHORT_COLUMNS",
+    "SPLITS",
+    "CohortResult",
+    "CohortError",
+    "connect_omop",
+    "read_imaging_index",
+    "imaging_source",
+    "build_cohort",
+    "assign_splits",
+    "write_cohort",
+    "read_cohort",
+    "cohort_paths",
+]
+
+OMOP_TABLES = (
+    "person",
+    "observation_period",
+    "visit_occurrence",
+    "condition_occurrence",
+    "drug_exposure",
+    "measurement",
+    "procedure_occurrence",
+    "death",
+    "concept",
+)
+IMAGING_INDEX_COLUMNS = (
+    "study_id",
+    "person_id",
+    "institution",
+    "study_datetime",
+    "image_path",
+    "image_format",
+)
+COHORT_COLUMNS = ("study_id", "person_id", "institution", "index_time", "time", "event", "split")
+SPLITS = ("train", "val", "test", "external")
+
+# A death or outcome on the day of the index CT is an event at half a day: dates in OMOP have
+# a resolution of one day and a survival time must be positive.
+SAME_DAY_EVENT_TIME = 0.5
+
+
+class CohortError(ValueError):
+    """An input table of the cohort is missing, or lacks a column, or has bad values."""
+
+
+@dataclass(frozen=True)
+class CohortResult:
+    """``cohort``: the cohort table; ``exclusions``: one row per excluded study with
+    ``study_id``, ``institution`` and ``reason``."""
+
+    cohort: pd.DataFrame
+    exclusions: pd.DataFrame
+
+    def exclusion_counts(self) -> pd.DataFrame:
+        """Excluded studies counted by reason and institution (no identifiers)."""
+        if self.exclusions.empty:
+            return pd.DataFrame({"reason": [], "institution": [], "studies": []})
+        return (
+            self.exclusions.groupby(["reason", "institution"])
+            .size()
+            .rename("studies")
+            .reset_index()
+        )
+
+
+def connect_omop(tables: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per OMOP table.
+
+    ``tables`` is a folder of ``<table>.parquet`` files or a DuckDB database file holding the
+    tables. Raises ``CohortError`` naming the missing tables.
+    """
+    tables = Path(tables)
+    if tables.is_dir():
+        missing = [t for t in OMOP_TABLES if not (tables / f"{t}.parquet").is_file()]
+        if missing:
+            raise CohortError(
+                f"{tables}: OMOP table file(s) missing: {', '.join(f'{t}.parquet' for t in missing)}"
+            )
+        con = duckdb.connect()
+        for table in OMOP_TABLES:
+            path = (tables / f"{table}.parquet").as_posix().replace("'", "''")
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
+        return con
+    if tables.is_file():
+        con = duckdb.connect(str(tables), read_only=True)
+        present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        missing = [t for t in OMOP_TABLES if t not in present]
+        if missing:
+            con.close()
+            raise CohortError(f"{tables}: OMOP table(s) missing from the database: {', '.join(missing)}")
+        return con
+    raise CohortError(f"{tables}: no such folder or DuckDB file")
+
+
+def read_imaging_index(path: Path) -> pd.DataFrame:
+    """Read an imaging index (parquet or csv) and check its columns and values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CohortError(f"{path}: imaging index not found")
+    if path.suffix == ".csv":
+        frame = pd.read_csv(path, dtype={"study_id": str, "person_id": str})
+    else:
+        frame = pd.read_parquet(path)
+    missing = [c for c in IMAGING_INDEX_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CohortError(
+            f"{path}: imaging index lacks column(s) {', '.join(missing)}; expected "
+            f"{', '.join(IMAGING_INDEX_COLUMNS)}"
+        )
+    frame = frame.loc[:, list(IMAGING_INDEX_COLUMNS)].copy()
+    frame["study_id"] = frame["study_id"].astype(str)
+    frame["person_id"] = frame["person_id"].astype(str)
+    frame["institution"] = frame["institution"].astype(str)
+    frame["study_datetime"] = pd.to_datetime(frame["study_datetime"], errors="coerce")
+    bad_format = ~frame["image_format"].isin(["dicom", "nifti"])
+    if bad_format.any():
+        examples = frame.loc[bad_format, "image_format"].astype(str).unique()[:3]
+        raise CohortError(
+            f"{path}: column image_format must be 'dicom' or 'nifti'; {int(bad_format.sum())} "
+            f"row(s) have other values, e.g. {', '.join(examples)}"
+        )
+    return frame
+
+
+def imaging_source(manifest: Manifest, task: str) -> tuple[Path, Path, Path]:
+    """``(omop_tables, imaging_index, imaging_root)`` for ``task`` under ``manifest``."""
+    if manifest.data.source == "synthetic":
+        base = manifest.twin_dir / task
+        return base / "omop", base / "imaging_index.parquet", base
+    omop = manifest.data.omop
+    assert omop is not None
+    if task not in omop.imaging:
+        raise ManifestError(f"{manifest.path}: data.omop.imaging.{task}: no CT archive declared for task {task!r}")
+    src = omop.imaging[task]
+    return omop.tables, src.index, src.root
+
+
+def _codes_sql(groups: tuple[str, ...]) -> str:
+    pairs = [
+        f"('{c.vocabulary_id}', '{c.concept_code}')" for g in groups for c in concepts_in_group(g)
+    ]
+    return ", ".join(pairs)
+
+
+def _outcomes(con: duckdb.DuckDBPyConnection, studies: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """Per study: follow-up end, death date, first post-index outcome date, earliest death."""
+    con.register("_studies", studies[["study_id", "person_key", "index_date"]])
+    outcome_sql = "NULL::DATE"
+    if task.outcome_groups:
+        outcome_sql = f"""(
+            SELECT min(co.condition_start_date) FROM condition_occurrence co
+            JOIN concept c ON c.concept_id = co.condition_concept_id
+            WHERE co.person_id = s.person_key
+              AND co.condition_start_date >= s.index_date
+              AND (c.vocabulary_id, c.concept_code) IN ({_codes_sql(task.outcome_groups)})
+        )"""
+    query = f"""
+        SELECT s.study_id,
+            (SELECT max(op.observation_period_end_date) FROM observation_period op
+              WHERE op.person_id = s.person_key
+                AND op.observation_period_start_date <= s.index_date) AS followup_end,
+            (SELECT min(d.death_date) FROM death d WHERE d.person_id = s.person_key) AS death_date,
+            {outcome_sql} AS outcome_date,
+            EXISTS (SELECT 1 FROM person p WHERE p.person_id = s.person_key) AS in_person
+        FROM _studies s
+    """
+    out = con.execute(query).df()
+    con.unregister("_studies")
+    return out
+
+
+def build_cohort(
+    con: duckdb.DuckDBPyConnection,
+    index: pd.DataFrame,
+    task: str,
+    *,
+    imaging_root: Path,
+    check_files: bool = True,
+) -> CohortResult:
+    """Build the ``task`` cohort from OMOP tables (``con``) and an imaging ``index``.
+
+    For each study: ``index_time`` is the CT acquisition time; the event is death (and, for
+    ``mace``, the first myocardial infarction, stroke or heart failure coded on or after the
+    index date), whichever comes first; follow-up ends at the end of the observation period
+    that contains the index, and is administratively censored at the task horizon. ``time``
+    is in days (an event on the index day counts as 0.5 days). Splits are not assigned here
+    (see ``assign_splits``); the ``split`` column is left empty.
+
+    Excluded, with a reason: duplicated study ids, unreadable acquisition time, image missing
+    on disk, person absent from the OMOP ``person`` table, no observation period containing
+    the index, death recorded before the index, and no follow-up after the index.
+    """
+    spec = get_task(task)
+    studies = index.copy()
+    reasons = pd.Series("", index=studies.index, dtype=object)
+
+    def exclude(mask: pd.Series, reason: str) -> None:
+        reasons[mask & (reasons == "")] = reason
+
+    exclude(studies["study_id"].duplicated(keep="first"), "duplicate study_id in the imaging index")
+    exclude(studies["study_datetime"].isna(), "acquisition time missing or unreadable")
+    if check_files:
+        root = Path(imaging_root)
+        exists = studies["image_path"].map(lambda p: (root / str(p)).exists())
+        exclude(~exists, "image not found on disk")
+    person_key = pd.to_numeric(studies["person_id"], errors="coerce")
+    exclude(person_key.isna(), "person_id is not an OMOP integer id")
+    studies["person_key"] = person_key.fillna(-1).astype("int64")
+    studies["index_date"] = studies["study_datetime"].dt.normalize()
+
+    out = _outcomes(con, studies, spec).set_index("study_id")
+    # duplicated study ids share one row of outcomes; only the first copy is kept anyway
+    out = out[~out.index.duplicated()]
+    merged = out.reindex(studies["study_id"]).reset_index(drop=True)
+    merged.index = studies.index
+    for column in ("followup_end", "death_date", "outcome_date"):
+        merged[column] = pd.to_datetime(merged[column])
+
+    exclude(~merged["in_person"].astype(bool), "person not in the OMOP person table")
+    exclude(merged["followup_end"].isna(), "no observation period containing the index date")
+    exclude(
+        merged["death_date"].notna() & (merged["death_date"] < studies["index_date"]),
+        "death recorded before the index CT",
+    )
+
+    horizon_end = studies["index_date"] + pd.to_timedelta(spec.horizon_days, unit="D")
+    candidates = []
+    if spec.death_is_event:
+        candidates.append(merged["death_date"])
+    if spec.outcome_groups:
+        candidates.append(merged["outcome_date"])
+    event_date = pd.concat(candidates, axis=1).min(axis=1) if candidates else pd.Series(pd.NaT, index=studies.index)
+    censor_date = pd.concat([merged["followup_end"], horizon_end], axis=1).min(axis=1)
+    event = event_date.notna() & (event_date <= censor_date)
+    end_date = event_date.where(event, censor_date)
+    days = (end_date - studies["index_date"]).dt.days.astype("float64")
+    time = days.where(days > 0, np.where(event, SAME_DAY_EVENT_TIME, 0.0))
+    exclude((~event) & (days <= 0), "no follow-up after the index CT")
+
+    keep = reasons == ""
+    cohort = pd.DataFrame(
+        {
+            "study_id": studies["study_id"].astype(str),
+            "person_id": studies["person_id"].astype(str),
+            "institution": studies["institution"].astype(str),
+            "index_time": studies["study_datetime"],
+            "time": time.astype("float64"),
+            "event": event.astype("int64"),
+            "split": "",
+        }
+    )[keep].reset_index(drop=True)
+    exclusions = pd.DataFrame(
+        {
+            "study_id": studies.loc[~keep, "study_id"].astype(str),
+            "institution": studies.loc[~keep, "institution"].astype(str),
+            "reason": reasons[~keep].astype(str),
+        }
+    ).reset_index(drop=True)
+    return CohortResult(cohort=cohort, exclusions=exclusions)
+
+
+def assign_splits(
+    cohort: pd.DataFrame,
+    *,
+    test_fraction: float,
+    val_fraction: float,
+    external_institutions: list[str],
+    seed: int,
+) -> pd.DataFrame:
+    """Assign ``split`` at the patient level.
+
+    Studies of ``external_institutions`` become ``external``. Internal patients are shuffled
+    with ``numpy.random.default_rng(seed)`` and taken in that order into ``test`` until it
+    holds ``test_fraction`` of the internal studies, then into ``val`` until it holds
+    ``val_fraction`` of the rest; the others are ``train``. A person is never in two of
+    train/val/test.
+
+    >>> df = pd.DataFrame({"person_id": list("aabcdefghij"), "institution": ["x"] * 10 + ["y"]})
+    >>> out = assign_splits(df, test_fraction=0.3, val_fraction=0.2, external_institutions=["y"], seed=0)
+    >>> out.groupby("person_id")["split"].nunique().max(), (out.split == "external").sum()
+    (1, 1)
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    out = cohort.copy()
+    external = out["institution"].isin(external_institutions)
+    out["split"] = np.where(external, "external", "train")
+    internal = out.loc[~external]
+    counts = internal.groupby("person_id").size()
+    persons = counts.index.to_numpy()
+    order = np.random.default_rng(seed).permutation(len(persons))
+    persons, sizes = persons[order], counts.to_numpy()[order]
+    cumulative = np.cumsum(sizes)
+    n_internal = int(cumulative[-1]) if len(cumulative) else 0
+    n_test = test_fraction * n_internal
+    in_test = cumulative - sizes < n_test
+    rest_cumulative = np.cumsum(np.where(in_test, 0, sizes))
+    n_val = val_fraction * (n_internal - int(sizes[in_test].sum()))
+    in_val = ~in_test & (rest_cumulative - sizes < n_val)
+    split_of = pd.Series(np.where(in_test, "test", np.where(in_val, "val", "train")), index=persons)
+    out.loc[~external, "split"] = out.loc[~external, "person_id"].map(split_of).to_numpy()
+    return out
+
+
+def cohort_paths(manifest: Manifest, task: str) -> dict[str, Path]:
+    """Where the cohort step writes for ``task``: the cohort table, the imaging table
+    (study -> absolute image path and format), the exclusions and a JSON summary."""
+    folder = manifest.run_root / "cohorts"
+    return {
+        "cohort": folder / f"{task}.parquet",
+        "imaging": folder / f"{task}_imaging.parquet",
+        "exclusions": folder / f"{task}_exclusions.parquet",
+        "summary": folder / f"{task}_summary.json",
+    }
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def write_cohort(
+    result: CohortResult, index: pd.DataFrame, imaging_root: Path, paths: dict[str, Path]
+) -> dict:
+    """Write the cohort, its imaging table, exclusions and a summary; return the summary.
+
+    The summary holds counts only (no identifiers or dates), so the book may show it.
+    """
+    cohort = result.cohort
+    imaging = index.loc[index["study_id"].isin(cohort["study_id"]), ["study_id", "image_path", "image_format"]]
+    imaging = imaging.drop_duplicates("study_id").copy()
+    imaging["image_path"] = [str((Path(imaging_root) / p).resolve()) for p in imaging["image_path"]]
+    summary = {
+        "studies_in_index": int(len(index)),
+        "studies_in_cohort": int(len(cohort)),
+        "studies_excluded": int(len(result.exclusions)),
+        "exclusions": result.exclusion_counts().to_dict(orient="records"),
+        "by_split": {
+            split: {
+                "studies": int((cohort.split == split).sum()),
+                "patients": int(cohort.loc[cohort.split == split, "person_id"].nunique()),
+                "events": int(cohort.loc[cohort.split == split, "event"].sum()),
+            }
+            for split in SPLITS
+        },
+    }
+    _atomic_parquet(imaging, paths["imaging"])
+    _atomic_parquet(result.exclusions, paths["exclusions"])
+    paths["summary"].write_text(json.dumps(summary, indent=2))
+    _atomic_parquet(cohort, paths["cohort"])  # last: its presence means the step finished
+    return summary
+
+
+def read_cohort(path: Path) -> pd.DataFrame:
+    """Read a cohort table and check the DESIGN.md format; errors name the file and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise CohortError(f"{path}: cohort table not found")
+    frame = pd.read_parquet(path)
+    missing = [c for c in COHORT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CohortError(f"{path}: cohort table lacks column(s) {', '.join(missing)}")
+    problems = []
+    if frame["study_id"].duplicated().any():
+        problems.append(f"{int(frame['study_id'].duplicated().sum())} duplicated study_id")
+    if not (frame["time"] > 0).all():
+        problems.append(f"{int((~(frame['time'] > 0)).sum())} row(s) with time <= 0 or missing")
+    if not frame["event"].isin([0, 1]).all():
+        problems.append("column event must hold 0/1")
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        problems.append(f"{int(bad_split.sum())} row(s) with split outside {', '.join(SPLITS)}")
+    internal = frame[frame["split"] != "external"]
+    if (internal.groupby("person_id")["split"].nunique() > 1).any():
+        problems.append("a person appears in more than one of train/val/test")
+    if problems:
+        raise CohortError(f"{path}: " + "; ".join(problems))
+    frame["study_id"] = frame["study_id"].astype(str)
+    frame["person_id"] = frame["person_id"].astype(str)
+    frame["event"] = frame["event"].astype("int64")
+    frame["time"] = frame["time"].astype("float64")
+    return frame
+
+
+def ensure_source(manifest: Manifest, task: str, *, progress: bool = False) -> dict:
+    """Make sure the data of ``task`` exist; for the digital twin, generate it when it is
+    missing or was made with other parameters. Returns a short description (counts only)."""
+    get_task(task)
+    if manifest.data.source != "synthetic":
+        tables, index, root = imaging_source(manifest, task)
+        return {"source": "omop", "tables": str(tables), "imaging_index": str(index)}
+    from helpers.twin import generate
+
+    s = manifest.synthetic
+    info_path = manifest.twin_dir / task / "twin.json"
+    wanted = {"profile": s.profile, "seed": s.seed, "image_share": s.image_share}
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        params = info.get("parameters", {})
+        if all(params.get(k) == v for k, v in wanted.items()):
+            return info
+    generate(manifest.twin_dir, profile=s.profile, seed=s.seed, image_share=s.image_share, tasks=(task,), progress=progress)
+    return json.loads(info_path.read_text())
+
+
+__all__ += ["ensure_source"]

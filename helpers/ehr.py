@@ -1,0 +1,268 @@
+"""Curated one-hot EHR features (the paper's "manually curated 1-hot encoding").
+
+Each task has a readable declaration: a list of ``Feature`` rows, each a binary indicator
+computed from the OMOP records *before* the index CT over a stated look-back window:
+demographics, diagnoses, medications, procedures, and labs or vitals binned against their
+reference range. The PE list follows the variables of the PESI score; the MACE list those of
+the PREVENT equations. ``features_table(task)`` shows the declaration; ``onehot_features``
+computes it with DuckDB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from helpers.tasks import get_task
+from helpers.vocabulary import GENDER_MALE, LABS, concepts_in_group
+
+__all__ = ["Feature", "FEATURES", "features_table", "onehot_features", "OnehotResult"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One binary feature.
+
+    ``kind`` is ``age`` (age at index >= ``threshold`` years), ``sex`` (male), ``condition``,
+    ``drug`` or ``procedure`` (any record of ``group`` in the ``lookback_days`` before the
+    index, index day included), or ``lab`` (the last value of ``group`` in the window is
+    above (``direction="high"``) or below (``"low"``) ``threshold``, in the unit of
+    ``helpers.vocabulary.LABS``; ``threshold=None`` means the reference range's bound).
+    """
+
+    name: str
+    kind: str
+    group: str = ""
+    lookback_days: int = 0
+    direction: str = ""
+    threshold: float | None = None
+    why: str = ""
+
+
+_YEAR = 365
+_HISTORY = 5 * 365
+
+_COMMON: list[Feature] = [
+    Feature("age_ge_50", "age", threshold=50, why="age"),
+    Feature("age_ge_65", "age", threshold=65, why="age"),
+    Feature("age_ge_80", "age", threshold=80, why="age (PESI: age > 80 in sPESI)"),
+    Feature("male", "sex", why="sex"),
+    Feature("dx_heart_failure", "condition", "heart_failure", _HISTORY, why="chronic heart failure"),
+    Feature("dx_ckd", "condition", "ckd", _HISTORY, why="chronic kidney disease"),
+    Feature("dx_diabetes", "condition", "diabetes", _HISTORY, why="diabetes"),
+    Feature("dx_hypertension", "condition", "hypertension", _HISTORY, why="hypertension"),
+    Feature("dx_afib", "condition", "afib", _HISTORY, why="atrial fibrillation"),
+    Feature("dx_smoking", "condition", "smoking", _HISTORY, why="current smoking"),
+    Feature("rx_loop_diuretic", "drug", "loop_diuretic", _YEAR, why="diuretic treatment"),
+    Feature("lab_creatinine_high", "lab", "creatinine", _YEAR, "high", why="renal function"),
+    Feature("lab_ntprobnp_high", "lab", "ntprobnp", _YEAR, "high", why="cardiac strain"),
+    Feature("px_dialysis", "procedure", "dialysis", _HISTORY, why="end-stage renal disease"),
+]
+
+FEATURES: dict[str, list[Feature]] = {
+    "pe": _COMMON
+    + [
+        Feature("dx_cancer", "condition", "cancer", _HISTORY, why="PESI: cancer"),
+        Feature("dx_chronic_lung", "condition", "copd", _HISTORY, why="PESI: chronic lung disease"),
+        Feature("dx_prior_vte", "condition", "prior_vte", _HISTORY, why="prior venous thromboembolism"),
+        Feature("dx_frailty", "condition", "frailty", _HISTORY, why="frailty / immobility"),
+        Feature("dx_pulmonary_hypertension", "condition", "pulmonary_hypertension", _HISTORY, why="pulmonary hypertension"),
+        Feature("rx_chemotherapy", "drug", "chemotherapy", _YEAR, why="active cancer treatment"),
+        Feature("rx_anticoagulant", "drug", "anticoagulant", _YEAR, why="prior anticoagulation"),
+        Feature("rx_steroid", "drug", "steroid", _YEAR, why="systemic steroids"),
+        Feature("px_chemo_infusion", "procedure", "chemo_infusion", _YEAR, why="active cancer treatment"),
+        Feature("lab_heart_rate_ge_110", "lab", "heart_rate", 30, "high", 110.0, why="PESI: pulse >= 110/min"),
+        Feature("lab_sbp_lt_100", "lab", "sbp", 30, "low", 100.0, why="PESI: systolic BP < 100 mmHg"),
+        Feature("lab_spo2_lt_90", "lab", "spo2", 30, "low", 90.0, why="PESI: O2 saturation < 90%"),
+        Feature("lab_troponin_high", "lab", "troponin", 30, "high", why="myocardial injury"),
+        Feature("lab_hemoglobin_low", "lab", "hemoglobin", _YEAR, "low", why="anaemia"),
+        Feature("lab_sodium_low", "lab", "sodium", _YEAR, "low", why="hyponatraemia"),
+    ],
+    "mace": _COMMON
+    + [
+        Feature("dx_prior_mi", "condition", "prior_mi", _HISTORY, why="prior myocardial infarction"),
+        Feature("dx_cad", "condition", "cad", _HISTORY, why="coronary artery disease"),
+        Feature("dx_hyperlipidemia", "condition", "hyperlipidemia", _HISTORY, why="hyperlipidaemia"),
+        Feature("rx_statin", "drug", "statin", _YEAR, why="PREVENT: statin use"),
+        Feature("rx_antihypertensive", "drug", "antihypertensive", _YEAR, why="PREVENT: antihypertensive use"),
+        Feature("rx_antiplatelet", "drug", "antiplatelet", _YEAR, why="antiplatelet therapy"),
+        Feature("rx_diabetes_drug", "drug", "diabetes_drug", _YEAR, why="diabetes treatment"),
+        Feature("px_pci", "procedure", "pci", _HISTORY, why="prior coronary intervention"),
+        Feature("lab_sbp_ge_140", "lab", "sbp", _YEAR, "high", 140.0, why="PREVENT: systolic BP"),
+        Feature("lab_cholesterol_high", "lab", "cholesterol", _YEAR, "high", why="PREVENT: total cholesterol"),
+        Feature("lab_hdl_low", "lab", "hdl", _YEAR, "low", why="PREVENT: HDL cholesterol"),
+        Feature("lab_hba1c_high", "lab", "hba1c", _YEAR, "high", 6.5, why="PREVENT: HbA1c"),
+        Feature("lab_bmi_ge_30", "lab", "bmi", _YEAR, "high", why="PREVENT: BMI"),
+    ],
+}
+
+
+def features_table(task: str) -> pd.DataFrame:
+    """The declaration of ``task``'s features as a table (for the book)."""
+    get_task(task)
+    rows = []
+    for f in FEATURES[task]:
+        if f.kind == "lab":
+            lab = LABS[f.group]
+            bound = f.threshold if f.threshold is not None else (lab.high if f.direction == "high" else lab.low)
+            rule = f"last {f.group} {'>' if f.direction == 'high' else '<'} {bound:g} {lab.unit} (LOINC {lab.code})"
+        elif f.kind == "age":
+            rule = f"age at index >= {f.threshold:g} years"
+        elif f.kind == "sex":
+            rule = "gender concept MALE"
+        else:
+            codes = ", ".join(c.concept_code for c in concepts_in_group(f.group))
+            rule = f"any {f.kind} of group {f.group} ({concepts_in_group(f.group)[0].vocabulary_id}: {codes})"
+        window = f"{f.lookback_days} days" if f.lookback_days else "at index"
+        rows.append({"feature": f.name, "rule": rule, "look-back": window, "rationale": f.why})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class OnehotResult:
+    """``features``: one row per study (``study_id`` then one 0/1 float32 column per feature);
+    ``unusable_measurements``: lab rows in a look-back window that could not be used (unit not
+    recognised or value missing), counted by lab and unit."""
+
+    features: pd.DataFrame
+    unusable_measurements: pd.DataFrame
+
+
+def _pairs(groups: list[str]) -> str:
+    return ", ".join(
+        f"('{g}', '{c.vocabulary_id}', '{c.concept_code}')" for g in groups for c in concepts_in_group(g)
+    )
+
+
+def _flags(con, table: str, concept_col: str, date_col: str, features: list[Feature]) -> pd.DataFrame:
+    if not features:
+        return pd.DataFrame(columns=["study_id", "name"])
+    groups = sorted({f.group for f in features})
+    windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
+    query = f"""
+        WITH codes(grp, vocabulary_id, concept_code) AS (VALUES {_pairs(groups)}),
+             feats(name, grp, lookback) AS (VALUES {windows}),
+             ids AS (SELECT c.concept_id, codes.grp FROM concept c
+                     JOIN codes USING (vocabulary_id, concept_code))
+        SELECT DISTINCT s.study_id, feats.name
+        FROM _studies s
+        JOIN {table} t ON t.person_id = s.person_key
+        JOIN ids ON ids.concept_id = t.{concept_col}
+        JOIN feats ON feats.grp = ids.grp
+        WHERE t.{date_col} <= s.index_date
+          AND t.{date_col} >= s.index_date - feats.lookback * INTERVAL 1 DAY
+    """
+    return con.execute(query).df()
+
+
+def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if not features:
+        return pd.DataFrame(columns=["study_id", "name"]), pd.DataFrame(columns=["lab", "unit", "rows"])
+    groups = sorted({f.group for f in features})
+    units = ", ".join(
+        f"('{g}', '{LABS[g].unit}', 1.0)"
+        + (f", ('{g}', '{LABS[g].alt_unit}', {LABS[g].alt_factor!r})" if LABS[g].alt_unit else "")
+        for g in groups
+    )
+    windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
+    base = f"""
+        WITH codes(grp, vocabulary_id, concept_code) AS (VALUES {_pairs(groups)}),
+             units(grp, unit, factor) AS (VALUES {units}),
+             feats(name, grp, lookback) AS (VALUES {windows}),
+             ids AS (SELECT c.concept_id, codes.grp FROM concept c JOIN codes USING (vocabulary_id, concept_code)),
+             rows AS (
+                SELECT s.study_id, feats.name, ids.grp, m.measurement_datetime AS at, m.measurement_id,
+                       m.value_as_number AS value, m.unit_source_value AS unit
+                FROM _studies s
+                JOIN measurement m ON m.person_id = s.person_key
+                JOIN ids ON ids.concept_id = m.measurement_concept_id
+                JOIN feats ON feats.grp = ids.grp
+                WHERE m.measurement_date <= s.index_date
+                  AND m.measurement_date >= s.index_date - feats.lookback * INTERVAL 1 DAY)
+    """
+    values = con.execute(
+        base
+        + """
+        SELECT r.study_id, r.name, arg_max(r.value / u.factor, (r.at, r.measurement_id)) AS value
+        FROM rows r JOIN units u ON u.grp = r.grp AND u.unit = r.unit
+        WHERE r.value IS NOT NULL
+        GROUP BY r.study_id, r.name
+        """
+    ).df()
+    unusable = con.execute(
+        base
+        + """
+        SELECT r.grp AS lab, coalesce(r.unit, '(none)') AS unit, count(DISTINCT r.measurement_id) AS rows
+        FROM rows r LEFT JOIN units u ON u.grp = r.grp AND u.unit = r.unit
+        WHERE u.unit IS NULL OR r.value IS NULL
+        GROUP BY ALL ORDER BY lab, unit
+        """
+    ).df()
+    by_name = {f.name: f for f in features}
+    hits = []
+    for row in values.itertuples(index=False):
+        f = by_name[row.name]
+        lab = LABS[f.group]
+        if f.direction == "high":
+            on = row.value > (f.threshold if f.threshold is not None else lab.high)
+        else:
+            on = row.value < (f.threshold if f.threshold is not None else lab.low)
+        if on:
+            hits.append((row.study_id, row.name))
+    return pd.DataFrame(hits, columns=["study_id", "name"]), unusable
+
+
+def onehot_features(con: duckdb.DuckDBPyConnection, cohort: pd.DataFrame, task: str) -> OnehotResult:
+    """Compute ``task``'s one-hot features for every study of ``cohort``.
+
+    ``con`` is a DuckDB connection with the OMOP views (``helpers.cohort.connect_omop``);
+    ``cohort`` needs ``study_id``, ``person_id`` and ``index_time``. Only records dated on or
+    before the index date enter a feature.
+    """
+    get_task(task)
+    features = FEATURES[task]
+    studies = pd.DataFrame(
+        {
+            "study_id": cohort["study_id"].astype(str).to_numpy(),
+            "person_key": pd.to_numeric(cohort["person_id"]).astype("int64").to_numpy(),
+            "index_date": pd.to_datetime(cohort["index_time"]).dt.normalize().to_numpy(),
+            "index_time": pd.to_datetime(cohort["index_time"]).to_numpy(),
+        }
+    )
+    con.register("_studies", studies)
+    try:
+        parts = [
+            _flags(con, "condition_occurrence", "condition_concept_id", "condition_start_date",
+                   [f for f in features if f.kind == "condition"]),
+            _flags(con, "drug_exposure", "drug_concept_id", "drug_exposure_start_date",
+                   [f for f in features if f.kind == "drug"]),
+            _flags(con, "procedure_occurrence", "procedure_concept_id", "procedure_date",
+                   [f for f in features if f.kind == "procedure"]),
+        ]
+        labs, unusable = _labs(con, [f for f in features if f.kind == "lab"])
+        parts.append(labs)
+        person = con.execute(
+            """SELECT s.study_id, p.gender_concept_id AS gender,
+                      date_diff('day', make_date(p.year_of_birth::INT, coalesce(p.month_of_birth, 7)::INT,
+                                                 coalesce(p.day_of_birth, 1)::INT), s.index_date) / 365.25 AS age
+               FROM _studies s JOIN person p ON p.person_id = s.person_key"""
+        ).df()
+    finally:
+        con.unregister("_studies")
+    for f in features:
+        if f.kind == "age":
+            parts.append(pd.DataFrame({"study_id": person.loc[person.age >= f.threshold, "study_id"], "name": f.name}))
+        elif f.kind == "sex":
+            parts.append(pd.DataFrame({"study_id": person.loc[person.gender == GENDER_MALE, "study_id"], "name": f.name}))
+    hits = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame(columns=["study_id", "name"])
+    matrix = np.zeros((len(studies), len(features)), dtype=np.float32)
+    row_of = {sid: i for i, sid in enumerate(studies["study_id"])}
+    col_of = {f.name: j for j, f in enumerate(features)}
+    for sid, name in hits[["study_id", "name"]].itertuples(index=False):
+        matrix[row_of[sid], col_of[name]] = 1.0
+    table = pd.DataFrame(matrix, columns=[f.name for f in features])
+    table.insert(0, "study_id", studies["study_id"].to_numpy())
+    return OnehotResult(features=table, unusable_measurements=unusable)

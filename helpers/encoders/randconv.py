@@ -1,0 +1,59 @@
+"""A frozen random-feature slice encoder.
+
+Random convolutional features are a classic baseline for frozen representations: the
+filters are drawn once from a seeded generator and never trained. Each windowed axial slice
+(values in [0, 1]) goes through three strided convolutions with ReLU; the feature maps are
+pooled by mean and by max, and a soft histogram of the slice intensities is appended. The
+encoder is differentiable end to end (saliency maps can reach the voxels) and frozen by
+``requires_grad_(False)`` on its weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["RandomConvEncoder"]
+
+
+class RandomConvEncoder(nn.Module):
+    """Slice encoder: input (n_slices, 1, H, W) float in [0, 1]; output (n_slices, dim).
+
+    ``dim = 2 * 4 * width + n_bins``. The same ``seed`` gives the same weights on every machine
+    (weights are drawn on the CPU with a dedicated ``torch.Generator``).
+
+    >>> enc = RandomConvEncoder(seed=0, width=8, n_bins=4)
+    >>> enc(torch.rand(3, 1, 32, 32)).shape
+    torch.Size([3, 68])
+    """
+
+    def __init__(self, seed: int = 0, width: int = 32, n_bins: int = 16) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        shapes = [(width, 1, 5), (2 * width, width, 3), (4 * width, 2 * width, 3)]
+        self.convs = nn.ModuleList()
+        for out_ch, in_ch, k in shapes:
+            conv = nn.Conv2d(in_ch, out_ch, k, stride=2, padding=k // 2)
+            fan_in = in_ch * k * k
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+            self.convs.append(conv)
+        self.register_buffer("centers", torch.linspace(0.0, 1.0, n_bins))
+        self.bandwidth = 1.0 / max(n_bins - 1, 1)
+        self.dim = 2 * 4 * width + n_bins
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        if slices.ndim != 4 or slices.shape[1] != 1:
+            raise ValueError(f"expected slices of shape (n, 1, H, W), got {tuple(slices.shape)}")
+        h = (slices - 0.5) / 0.25
+        for conv in self.convs:
+            h = torch.relu(conv(h))
+        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        x = slices.flatten(1).unsqueeze(-1)
+        weights = torch.exp(-0.5 * ((x - self.centers) / self.bandwidth) ** 2)
+        histogram = weights.mean(dim=1)
+        histogram = histogram / histogram.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        return torch.cat([pooled, histogram], dim=1)

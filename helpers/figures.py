@@ -1,0 +1,106 @@
+"""Figures and display tables of the book. Each function returns the matplotlib Figure (or a
+DataFrame) and shows counts and summaries only, never identifiers or dates."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from lifelines import KaplanMeierFitter
+
+__all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest"]
+
+
+def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
+    """Studies, patients, events, event rate and median follow-up per split."""
+    rows = {}
+    for split, part in cohort.groupby("split", sort=False):
+        rows[split] = {
+            "institution": ", ".join(sorted(part["institution"].unique())),
+            "studies": len(part),
+            "patients": part["person_id"].nunique(),
+            "events": int(part["event"].sum()),
+            "event rate": round(float(part["event"].mean()), 3),
+            "median follow-up (days)": float(part["time"].median()),
+        }
+    order = [s for s in ("train", "val", "test", "external") if s in rows]
+    table = pd.DataFrame(rows).T.loc[order]
+    table.attrs["horizon_days"] = horizon_days
+    return table
+
+
+def km_by_group(cohort: pd.DataFrame, column: str, *, title: str, horizon: int) -> plt.Figure:
+    """Kaplan-Meier survival curves (lifelines) for each value of ``column``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for value, part in cohort.groupby(column, sort=True):
+        KaplanMeierFitter(label=f"{value} (n={len(part)})").fit(part["time"], part["event"]).plot_survival_function(ax=ax, ci_show=True)
+    ax.set_xlim(0, horizon)
+    ax.set_xlabel("days after the index CT")
+    ax.set_ylabel("event-free probability")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def slice_strip(slices: np.ndarray, *, title: str, n: int = 6) -> plt.Figure:
+    """``n`` evenly spaced windowed slices (values in [0, 1]) of one volume, (z, y, x)."""
+    picks = np.linspace(0, len(slices) - 1, n).round().astype(int)
+    fig, axes = plt.subplots(1, n, figsize=(2 * n, 2.3))
+    for ax, k in zip(axes, picks, strict=True):
+        ax.imshow(slices[k], cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"slice {k}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_pca(embedding: np.ndarray, groups: np.ndarray, *, title: str) -> plt.Figure:
+    """First two principal components of the embeddings, coloured by ``groups``."""
+    x = embedding - embedding.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    pcs = x @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for value in sorted(set(groups)):
+        mask = groups == value
+        ax.scatter(pcs[mask, 0], pcs[mask, 1], s=6, alpha=0.5, label=f"{value} (n={int(mask.sum())})")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves(history: pd.DataFrame) -> plt.Figure:
+    """Training and validation loss, and validation C-index, per epoch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(history["epoch"], history["train_loss"], label="train (with L2)")
+    ax1.plot(history["epoch"], history["val_loss"], label="validation")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("Cox loss")
+    ax1.legend()
+    ax2.plot(history["epoch"], history["val_c_index"])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation Harrell's C")
+    fig.tight_layout()
+    return fig
+
+
+def cindex_forest(scores: pd.DataFrame, *, title: str) -> plt.Figure:
+    """C-index and 95% CI per model (rows) and cohort (colours)."""
+    models = list(dict.fromkeys(scores["model"]))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(models) + 1.2))
+    for k, (cohort, part) in enumerate(scores.groupby("cohort", sort=False)):
+        part = part.drop_duplicates("model").set_index("model").reindex(models)
+        y = np.arange(len(models)) + (k - 0.5) * 0.25
+        ax.errorbar(part["c_index"], y, xerr=[part["c_index"] - part["lower"], part["upper"] - part["c_index"]],
+                    fmt="o", capsize=3, label=cohort)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_yticks(np.arange(len(models)), models)
+    ax.invert_yaxis()
+    ax.set_xlabel("Harrell's C (95% bootstrap CI)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,351 @@
+"""The data manifest: every data source, encoder checkpoint and output location of the study.
+
+``load(path)`` reads ``data_manifest.yaml``, validates it with pydantic, resolves relative
+paths against the manifest's folder and verifies the sha256 of every checkpoint it names.
+Every problem is reported as a ``ManifestError`` that names the file, the key and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from helpers.tasks import TASKS
+
+__all__ = [
+    "ManifestError",
+    "ChecksumError",
+    "Manifest",
+    "SyntheticSource",
+    "OmopSource",
+    "ImagingSource",
+    "EncoderSpec",
+    "Splits",
+    "load",
+    "dump",
+    "sha256_path",
+    "summary",
+]
+
+PROFILES = ("quick", "paper")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, malformed, or names something that does not exist."""
+
+
+class ChecksumError(ManifestError):
+    """A file named in the manifest does not have the sha256 the manifest declares."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(_Strict):
+    """The built-in digital twin: ``profile`` sets its size, ``seed`` its randomness.
+
+    ``image_share`` (0 to 1) is how much of the true risk the CT carries; the rest is carried
+    by the EHR.
+    """
+
+    profile: Literal["quick", "paper"] = "paper"
+    seed: int = 20260616
+    image_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+
+
+class ImagingSource(_Strict):
+    """One task's CT archive: an index table and the folder its ``image_path`` values are in.
+
+    The index (parquet or csv) has one row per study: ``study_id``, ``person_id``,
+    ``institution``, ``study_datetime``, ``image_path`` (relative to ``root``) and
+    ``image_format`` (``dicom`` for a folder holding one series, or ``nifti``).
+    """
+
+    index: Path
+    root: Path
+
+
+class OmopSource(_Strict):
+    """A real OMOP CDM v5.4 database: a folder of per-table parquet files, or a DuckDB file."""
+
+    tables: Path
+    imaging: dict[str, ImagingSource]
+
+    @field_validator("imaging")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, ImagingSource]) -> dict[str, ImagingSource]:
+        unknown = sorted(set(value) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; expected keys among {sorted(TASKS)}")
+        return value
+
+
+class DataSource(_Strict):
+    source: Literal["synthetic", "omop"]
+    synthetic: SyntheticSource | None = None
+    omop: OmopSource | None = None
+
+
+class EncoderSpec(_Strict):
+    """A frozen encoder. ``builtin`` encoders need no checkpoint; the others name a local
+    ``path`` (file or folder) and its ``sha256`` (see ``sha256_path``)."""
+
+    kind: Literal["builtin", "hf", "medimageinsight", "ct_mae", "clmbr_mini", "clmbr"]
+    path: Path | None = None
+    sha256: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise ValueError("expected 64 lower-case hexadecimal characters")
+        return value
+
+
+class Encoders(_Strict):
+    image: dict[str, EncoderSpec] = Field(default_factory=dict)
+    ehr: dict[str, EncoderSpec] = Field(default_factory=dict)
+
+
+class Splits(_Strict):
+    """Patient-level splits. ``test_fraction`` is the share of internal *studies* held out as
+    the internal test set, per task; ``val_fraction`` the share of the remaining development
+    studies used for early stopping; studies from ``external_institutions`` form the
+    ``external`` split."""
+
+    seed: int = 0
+    test_fraction: dict[str, Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        # The paper's internal test share: PE 1,098 / 4,197, MACE 837 / 3,788.
+        default_factory=lambda: {"pe": 0.2616, "mace": 0.2210}
+    )
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    external_institutions: list[str] = Field(default_factory=lambda: ["site_b"])
+
+
+class Manifest(_Strict):
+    """A validated manifest. Paths are absolute once ``load`` has resolved them."""
+
+    version: Literal[1]
+    data: DataSource
+    encoders: Encoders = Field(default_factory=Encoders)
+    splits: Splits = Field(default_factory=Splits)
+    output_dir: Path
+    path: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def run_root(self) -> Path:
+        """Where this manifest's outputs go: ``output_dir/<profile>`` for the twin (so the
+        quick and paper twins never overwrite each other), ``output_dir`` for real data."""
+        if self.data.source == "synthetic":
+            return self.output_dir / self.synthetic.profile
+        return self.output_dir
+
+    @property
+    def synthetic(self) -> SyntheticSource:
+        if self.data.synthetic is None:
+            raise ManifestError(f"{self.path}: data.synthetic is required when data.source is 'synthetic'")
+        return self.data.synthetic
+
+    @property
+    def twin_dir(self) -> Path:
+        """Folder of the digital twin (only for ``data.source: synthetic``)."""
+        return self.run_root / "twin"
+
+    def with_profile(self, profile: str) -> Manifest:
+        """A copy whose synthetic profile is ``profile`` (``quick`` or ``paper``)."""
+        if profile not in PROFILES:
+            raise ManifestError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+        if self.data.source != "synthetic":
+            raise ManifestError(
+                f"{self.path}: a profile applies to the digital twin only, but data.source is "
+                f"{self.data.source!r}"
+            )
+        synthetic = self.synthetic.model_copy(update={"profile": profile})
+        data = self.data.model_copy(update={"synthetic": synthetic})
+        return self.model_copy(update={"data": data})
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a folder (every file under it, in sorted relative-path order,
+    hashed as its relative path followed by its bytes)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _format_validation(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid manifest ({err.error_count()} problem(s)):"]
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            message = "unknown key (check its spelling)"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            message = problem["msg"]
+            if "input" in problem and not isinstance(problem["input"], dict):
+                message += f" (got {problem['input']!r})"
+        lines.append(f"  - {key}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve(base: Path, value: Path) -> Path:
+    value = Path(value).expanduser()
+    return value if value.is_absolute() else (base / value).resolve()
+
+
+def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
+    data = manifest.data
+    if data.source == "synthetic" and data.synthetic is None:
+        data = data.model_copy(update={"synthetic": SyntheticSource()})
+    if data.source == "omop":
+        if data.omop is None:
+            raise ManifestError(f"{path}: data.omop: required when data.source is 'omop'")
+        omop = data.omop
+        imaging = {
+            task: ImagingSource(index=_resolve(base, src.index), root=_resolve(base, src.root))
+            for task, src in omop.imaging.items()
+        }
+        data = data.model_copy(
+            update={"omop": OmopSource(tables=_resolve(base, omop.tables), imaging=imaging)}
+        )
+    encoders = {}
+    for modality in ("image", "ehr"):
+        specs = getattr(manifest.encoders, modality)
+        encoders[modality] = {
+            name: spec.model_copy(update={"path": _resolve(base, spec.path)}) if spec.path else spec
+            for name, spec in specs.items()
+        }
+    return manifest.model_copy(
+        update={
+            "data": data,
+            "encoders": Encoders(**encoders),
+            "output_dir": _resolve(base, manifest.output_dir),
+            "path": path,
+        }
+    )
+
+
+def _verify(manifest: Manifest) -> None:
+    path = manifest.path
+    missing: list[str] = []
+    if manifest.data.source == "omop":
+        omop = manifest.data.omop
+        assert omop is not None
+        if not omop.tables.exists():
+            missing.append(f"data.omop.tables: {omop.tables} does not exist")
+        for task, src in omop.imaging.items():
+            if not src.index.is_file():
+                missing.append(f"data.omop.imaging.{task}.index: {src.index} is not a file")
+            if not src.root.is_dir():
+                missing.append(f"data.omop.imaging.{task}.root: {src.root} is not a folder")
+    for modality in ("image", "ehr"):
+        for name, spec in getattr(manifest.encoders, modality).items():
+            key = f"encoders.{modality}.{name}"
+            if spec.kind == "builtin":
+                if spec.path is not None:
+                    missing.append(f"{key}.path: a builtin encoder takes no path")
+                continue
+            if spec.path is None:
+                missing.append(f"{key}.path: required for an encoder of kind {spec.kind!r}")
+            elif not spec.path.exists():
+                missing.append(f"{key}.path: {spec.path} does not exist")
+            elif spec.sha256 is None:
+                missing.append(f"{key}.sha256: required (the checkpoint's sha256: {sha256_path(spec.path)})")
+    if missing:
+        raise ManifestError(f"{path}: " + "; ".join(missing))
+    for modality in ("image", "ehr"):
+        for name, spec in getattr(manifest.encoders, modality).items():
+            if spec.kind != "builtin" and spec.path is not None and spec.sha256 is not None:
+                actual = sha256_path(spec.path)
+                if actual != spec.sha256:
+                    raise ChecksumError(
+                        f"{path}: encoders.{modality}.{name}: checksum mismatch for {spec.path}: "
+                        f"manifest says sha256 {spec.sha256}, file has {actual}"
+                    )
+
+
+def load(path: str | Path = "data_manifest.yaml", *, verify: bool = True) -> Manifest:
+    """Read, validate and resolve a manifest.
+
+    Relative paths are resolved against the manifest's folder. With ``verify`` (the default),
+    paths that must exist are checked and every checkpoint's sha256 is compared with the
+    declared one (``ChecksumError`` shows both). Raises ``ManifestError`` naming the file and
+    key on any problem.
+    """
+    given = Path(path).expanduser()
+    path = given.resolve()
+    if not path.is_file() and not given.is_absolute():
+        # notebooks run from notebooks/ or from the project root: try the project root too
+        candidate = (Path(__file__).resolve().parent.parent / given).resolve()
+        if candidate.is_file():
+            path = candidate
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    try:
+        raw: Any = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        raise ManifestError(_format_validation(path, err)) from None
+    manifest = _resolved(manifest, path.parent, path)
+    if verify:
+        _verify(manifest)
+    return manifest
+
+
+def dump(manifest: Manifest, path: Path) -> Path:
+    """Write ``manifest`` (with absolute paths) as YAML to ``path``; returns ``path``."""
+    payload = manifest.model_dump(mode="json", exclude_none=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(payload, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def summary(manifest: Manifest) -> str:
+    """A human-readable summary of a loaded manifest."""
+    lines = [f"manifest: {manifest.path}"]
+    data = manifest.data
+    if data.source == "synthetic":
+        s = manifest.synthetic
+        lines.append(
+            f"data: digital twin, profile {s.profile}, seed {s.seed}, image share {s.image_share:g}"
+        )
+    else:
+        assert data.omop is not None
+        lines.append(f"data: OMOP CDM at {data.omop.tables}")
+        for task, src in data.omop.imaging.items():
+            lines.append(f"  {task}: imaging index {src.index}, root {src.root}")
+    for modality in ("image", "ehr"):
+        for name, spec in getattr(manifest.encoders, modality).items():
+            where = f"{spec.path} (sha256 {spec.sha256[:12]}..., verified)" if spec.path and spec.sha256 else "built in"
+            lines.append(f"encoder {modality}/{name}: {spec.kind}, {where}")
+    sp = manifest.splits
+    fractions = ", ".join(f"{t} {f:.3f}" for t, f in sp.test_fraction.items())
+    lines.append(
+        f"splits: seed {sp.seed}, internal test share {fractions}, validation share "
+        f"{sp.val_fraction:g}, external institutions {', '.join(sp.external_institutions)}"
+    )
+    lines.append(f"outputs: {manifest.run_root}")
+    return "\n".join(lines)

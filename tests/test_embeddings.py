@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers.embeddings import EmbeddingError, read_embeddings, write_embeddings
+from helpers.encoders import SlicePreprocess, image_encoder
+from helpers.encoders.randconv import RandomConvEncoder
+
+
+def test_round_trip_with_tokens_and_metadata(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3, 4)).astype(np.float32)
+    tokens = [rng.normal(size=(k, 4)).astype(np.float32) for k in (2, 3, 1)]
+    path = write_embeddings(tmp_path / "e.parquet", ["a", "b", "c"], emb, tokens=tokens, metadata={"encoder": "x"})
+    table = read_embeddings(path)
+    assert table.metadata == {"encoder": "x", "dim": 4}
+    np.testing.assert_array_equal(table.embedding, emb)
+    assert [t.shape for t in table.tokens] == [(2, 4), (3, 4), (1, 4)]
+    schema = pq.read_schema(path)
+    assert pa.types.is_fixed_size_list(schema.field("embedding").type)
+    aligned = table.align(["c", "a"])
+    np.testing.assert_array_equal(aligned.embedding, emb[[2, 0]])
+    with pytest.raises(EmbeddingError, match=r"2 of 3 cohort studies have no embedding, e.g. d, e"):
+        table.align(["a", "d", "e"])
+
+
+def test_bad_tables_are_refused_with_counts(tmp_path):
+    emb = np.ones((3, 2), dtype=np.float32)
+    emb[1, 0] = np.nan
+    write_embeddings(tmp_path / "bad.parquet", ["a", "a", "b"], emb)
+    with pytest.raises(EmbeddingError, match=r"1 duplicated study_id, e.g. a; 1 row\(s\) with NaN"):
+        read_embeddings(tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"study_id": ["a"], "vector": [[1.0]]}), tmp_path / "cols.parquet")
+    with pytest.raises(EmbeddingError, match="missing column 'embedding'"):
+        read_embeddings(tmp_path / "cols.parquet")
+    pq.write_table(pa.table({"study_id": ["a", "b"], "embedding": [[1.0, 2.0], [1.0]]}), tmp_path / "ragged.parquet")
+    with pytest.raises(EmbeddingError, match="different or empty lengths"):
+        read_embeddings(tmp_path / "ragged.parquet")
+
+
+def test_randconv_is_frozen_seeded_and_differentiable():
+    a, b = RandomConvEncoder(seed=1), RandomConvEncoder(seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not any(p.requires_grad for p in a.parameters())
+    x = torch.rand(2, 1, 64, 64, requires_grad=True)
+    a(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown image encoder 'dino'"):
+        image_encoder("dino")
+
+
+def test_slice_preprocess_windows_and_resamples():
+    hu = np.full((30, 40, 40), -1000.0, dtype=np.float32)
+    hu[:, 10:30, 10:30] = 40.0
+    out = SlicePreprocess(window_hu=(-125.0, 225.0), n_slices=8, size=32)(hu)
+    assert out.shape == (8, 1, 32, 32)
+    assert float(out.min()) == 0.0 and abs(float(out.max()) - 165 / 350) < 1e-6
