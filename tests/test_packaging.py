@@ -50,3 +50,13 @@ def test_notebook_sources_carry_no_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} carries outputs"
         tags = [c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"]
         assert sum("parameters" in t for t in tags) == 1, f"{path.name} needs exactly one parameters cell"
+
+
+def test_ruff_is_clean():
+    """The lint the project's reviewers run first (ruff, configured in pyproject.toml)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "helpers", "tests", "benchmarks", "notebooks"],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr

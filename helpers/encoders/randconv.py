@@ -2,9 +2,15 @@
 
 Random convolutional features are a classic baseline for frozen representations: the
 filters are drawn once from a seeded generator and never trained. Each windowed axial slice
-(values in [0, 1]) goes through three strided convolutions with ReLU; the feature maps are
-pooled by mean and by max, and a soft histogram of the slice intensities is appended. The
-encoder is differentiable end to end (saliency maps can reach the voxels) and frozen by
+(values in [0, 1]) goes through three strided convolutions with ReLU, whose maps are averaged
+over a coarse spatial grid; a soft intensity histogram of each cell of a finer grid is
+appended (regional intensity distributions, the kind of first-order features radiomics
+uses: how much contrast-filled vessel, calcium or fluid lies where). The grid keeps coarse
+anatomy: global pooling alone would discard where things are, and with it most of what a CT
+says about risk (a linear probe on the twin recovered almost none of the CT part of the true
+risk from globally pooled features, and about half of it with the grid).
+
+The encoder is differentiable end to end (saliency maps can reach the voxels) and frozen by
 ``requires_grad_(False)`` on its weights.
 """
 
@@ -19,15 +25,16 @@ __all__ = ["RandomConvEncoder"]
 class RandomConvEncoder(nn.Module):
     """Slice encoder: input (n_slices, 1, H, W) float in [0, 1]; output (n_slices, dim).
 
-    ``dim = 2 * 4 * width + n_bins``. The same ``seed`` gives the same weights on every machine
-    (weights are drawn on the CPU with a dedicated ``torch.Generator``).
+    ``dim = 4 * width * conv_grid**2 + n_bins * hist_grid**2``. The same ``seed`` gives the
+    same weights on every machine (weights are drawn on the CPU with a dedicated
+    ``torch.Generator``).
 
-    >>> enc = RandomConvEncoder(seed=0, width=8, n_bins=4)
+    >>> enc = RandomConvEncoder(seed=0, width=8, n_bins=4, conv_grid=2, hist_grid=2)
     >>> enc(torch.rand(3, 1, 32, 32)).shape
-    torch.Size([3, 68])
+    torch.Size([3, 144])
     """
 
-    def __init__(self, seed: int = 0, width: int = 32, n_bins: int = 16) -> None:
+    def __init__(self, seed: int = 0, width: int = 8, n_bins: int = 16, conv_grid: int = 2, hist_grid: int = 8) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         shapes = [(width, 1, 5), (2 * width, width, 3), (4 * width, 2 * width, 3)]
@@ -41,7 +48,8 @@ class RandomConvEncoder(nn.Module):
             self.convs.append(conv)
         self.register_buffer("centers", torch.linspace(0.0, 1.0, n_bins))
         self.bandwidth = 1.0 / max(n_bins - 1, 1)
-        self.dim = 2 * 4 * width + n_bins
+        self.conv_grid, self.hist_grid = conv_grid, hist_grid
+        self.dim = 4 * width * conv_grid**2 + n_bins * hist_grid**2
         self.requires_grad_(False)
         self.eval()
 
@@ -51,9 +59,9 @@ class RandomConvEncoder(nn.Module):
         h = (slices - 0.5) / 0.25
         for conv in self.convs:
             h = torch.relu(conv(h))
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
-        x = slices.flatten(1).unsqueeze(-1)
-        weights = torch.exp(-0.5 * ((x - self.centers) / self.bandwidth) ** 2)
-        histogram = weights.mean(dim=1)
-        histogram = histogram / histogram.sum(dim=1, keepdim=True).clamp_min(1e-8)
-        return torch.cat([pooled, histogram], dim=1)
+        conv = nn.functional.adaptive_avg_pool2d(h, self.conv_grid).flatten(1)
+        # soft assignment of every pixel to the histogram bins: (n, bins, H, W)
+        weights = torch.exp(-0.5 * ((slices - self.centers.view(1, -1, 1, 1)) / self.bandwidth) ** 2)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-8)
+        histogram = nn.functional.adaptive_avg_pool2d(weights, self.hist_grid).flatten(1)
+        return torch.cat([conv, histogram], dim=1)
