@@ -35,7 +35,7 @@ lint: install
 	$(BIN)/ruff check helpers tests benchmarks notebooks
 
 book: install
-	$(BIN)/jupyter-book build book -W -n --keep-going
+	$(BIN)/jupyter-book build book --toc book/generated/_toc.yml -W -n --keep-going
 
 clean:
 	rm -rf outputs book/_build book/generated

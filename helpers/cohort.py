@@ -305,7 +305,7 @@ def assign_splits(
 
     >>> df = pd.DataFrame({"person_id": list("aabcdefghij"), "institution": ["x"] * 10 + ["y"]})
     >>> out = assign_splits(df, test_fraction=0.3, val_fraction=0.2, external_institutions=["y"], seed=0)
-    >>> out.groupby("person_id")["split"].nunique().max(), (out.split == "external").sum()
+    >>> int(out.groupby("person_id")["split"].nunique().max()), int((out.split == "external").sum())
     (1, 1)
     """
     if not 0 < test_fraction < 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nbformat
 import papermill
+import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
@@ -182,7 +183,10 @@ def _hash_bytes(*chunks: bytes) -> str:
 
 
 def _code_digest() -> str:
-    files = sorted((PROJECT_ROOT / "helpers").rglob("*.py"))
+    """Hash of the library code the notebooks run (the runner and the command line excluded:
+    they do not change what a notebook computes)."""
+    runner = {Path(__file__).resolve(), (PROJECT_ROOT / "helpers" / "__main__.py").resolve()}
+    files = sorted(f for f in (PROJECT_ROOT / "helpers").rglob("*.py") if f.resolve() not in runner)
     return _hash_bytes(*[f.relative_to(PROJECT_ROOT).as_posix().encode() + f.read_bytes() for f in files])
 
 
@@ -249,6 +253,9 @@ def run_nodes(nodes: list[Node], state_dir: Path, *, force: bool = False, progre
             papermill.execute_notebook(
                 str(NOTEBOOKS / node.notebook), str(tmp), parameters=node.params, kernel_name="python3",
                 cwd=str(NOTEBOOKS), progress_bar=False, log_output=False,
+                # the kernel's own start-up chatter (a warning that its local TCP sockets are
+                # unencrypted) is not the study's business; its errors still show
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except Exception as err:  # report and go on with the nodes that do not depend on it
             message = _failure_message(node, err)
@@ -291,13 +298,27 @@ def _sync_book(nodes: list[Node], state_dir: Path, manifest: Manifest, book: Pat
     lines += ["", "Every page below was executed by papermill from the notebooks in `notebooks/` with the "
               "parameters shown in its injected-parameters cell."]
     (generated / "about.md").write_text("\n".join(lines) + "\n")
+    (generated / "_toc.yml").write_text(yaml.safe_dump(_toc(nodes), sort_keys=False))
+
+
+def _toc(nodes: list[Node]) -> dict:
+    """The book's table of contents for the notebooks that ran: written at each build, so a
+    book of part of the grid (``--only``) has no dangling entries."""
+    parts = [{"caption": "The study", "chapters": [{"file": "generated/about"}]}]
+    for task, spec in TASKS.items():
+        chapters = [{"file": f"generated/{n.key}"} for n in nodes if n.labels.get("task") == task]
+        if chapters:
+            parts.append({"caption": f"{spec.title} ({task.upper()})", "chapters": chapters})
+    return {"format": "jb-book", "root": "intro", "parts": parts}
 
 
 def build_book(book: Path = BOOK) -> Path:
     """Build the Jupyter Book (1.x) with ``-W -n --keep-going``: any warning fails the build.
-    Returns the path of the built ``index.html``."""
+    The table of contents is ``generated/_toc.yml``, written by the runner. Returns the path
+    of the built ``index.html``."""
     exe = Path(sys.executable).parent / "jupyter-book"
-    command = [str(exe) if exe.exists() else "jupyter-book", "build", str(book), "-W", "-n", "--keep-going", "--quiet"]
+    command = [str(exe) if exe.exists() else "jupyter-book", "build", str(book), "--toc", str(book / "generated" / "_toc.yml"),
+               "-W", "-n", "--keep-going", "--quiet"]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])

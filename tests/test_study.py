@@ -80,3 +80,12 @@ def test_runner_skips_up_to_date_reports_failures_and_goes_on(tmp_path, monkeypa
     out.unlink()
     fourth = study.run_nodes(nodes[:1], tmp_path / "state", progress=False)
     assert fourth.ran == ["a"], "a missing output reruns the node"
+
+
+def test_toc_lists_only_the_notebooks_that_ran(manifest):
+    nodes = study.plan(manifest, manifest.path, study.parse_only("task=mace,fusion=image_only"))
+    toc = study._toc(nodes)
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    assert files[0] == "generated/about"
+    assert all(f.startswith("generated/mace/") for f in files[1:])
+    assert "generated/mace/03_train/none/image_only/seed-0" in files and len(files) == 6
