@@ -102,22 +102,20 @@ def write_embeddings(
     return path
 
 
-def read_embeddings(path: Path) -> EmbeddingTable:
+def read_embeddings(path: Path, *, tokens: bool = True) -> EmbeddingTable:
     """Read and check an embedding table: the columns, fixed dimension, no duplicated study
-    ids, no NaN or infinite values. Errors name the file and give counts and examples."""
+    ids, no NaN or infinite values. Errors name the file and give counts and examples.
+    ``tokens=False`` skips the token column (faster when only the pooled embedding is used)."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"{path}: embedding table not found")
-    table = pq.read_table(path)
+    names = pq.read_schema(path).names
+    table = pq.read_table(path, columns=[c for c in names if tokens or c != "tokens"])
     for column in ("study_id", "embedding"):
         if column not in table.column_names:
             raise EmbeddingError(f"{path}: missing column {column!r}; expected study_id, embedding[, tokens]")
     ids = np.asarray(table.column("study_id").to_pylist(), dtype=object).astype(str).astype(object)
-    values = table.column("embedding").to_pylist()
-    lengths = {len(v) if v is not None else 0 for v in values}
-    if len(lengths) != 1 or 0 in lengths:
-        raise EmbeddingError(f"{path}: embeddings have different or empty lengths {sorted(lengths)[:5]}")
-    embedding = np.asarray(values, dtype=np.float32)
+    embedding = _fixed_matrix(table.column("embedding"), path, "embedding")
     problems = []
     dup = ids[np.asarray(_duplicated(ids))]
     if len(dup):
@@ -125,17 +123,53 @@ def read_embeddings(path: Path) -> EmbeddingTable:
     bad = ~np.isfinite(embedding).all(axis=1)
     if bad.any():
         problems.append(f"{int(bad.sum())} row(s) with NaN or infinite values, e.g. {', '.join(map(str, ids[bad][:5]))}")
-    tokens = None
+    token_arrays = None
     if "tokens" in table.column_names:
-        tokens = [np.asarray(t, dtype=np.float32) for t in table.column("tokens").to_pylist()]
-        bad_tok = [i for i, t in enumerate(tokens) if t.ndim != 2 or not np.isfinite(t).all()]
+        token_arrays = _token_lists(table.column("tokens"), path)
+        bad_tok = [i for i, t in enumerate(token_arrays) if len(t) == 0 or not np.isfinite(t).all()]
         if bad_tok:
             problems.append(f"{len(bad_tok)} row(s) with empty or non-finite tokens, e.g. {', '.join(map(str, ids[bad_tok][:5]))}")
     if problems:
         raise EmbeddingError(f"{path}: " + "; ".join(problems))
     raw = (table.schema.metadata or {}).get(_META_KEY)
     metadata = json.loads(raw) if raw else {}
-    return EmbeddingTable(ids, embedding, tokens, metadata)
+    return EmbeddingTable(ids, embedding, token_arrays, metadata)
+
+
+def _fixed_matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+    """A fixed-size-list (or equal-length list) column as a float32 (n, dim) array, without
+    going through Python objects."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise EmbeddingError(f"{path}: column {name!r} has {array.null_count} missing row(s)")
+    if pa.types.is_fixed_size_list(array.type):
+        dim = array.type.list_size
+    elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        lengths = np.diff(array.offsets.to_numpy())
+        if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
+            raise EmbeddingError(
+                f"{path}: embeddings have different or empty lengths {sorted(set(lengths.tolist()))[:5]}"
+            )
+        dim = int(lengths[0]) if len(lengths) else 0
+    else:
+        raise EmbeddingError(f"{path}: column {name!r} must be a list of floats, got {array.type}")
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return values.reshape(len(array), dim)
+
+
+def _token_lists(column: pa.ChunkedArray, path: Path) -> list[np.ndarray]:
+    """A list<fixed_size_list<float>> column as one float32 (n_tokens_i, dim) array per row."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise EmbeddingError(f"{path}: column 'tokens' has {array.null_count} missing row(s)")
+    offsets = array.offsets.to_numpy()
+    inner = array.values
+    if not pa.types.is_fixed_size_list(inner.type):
+        raise EmbeddingError(f"{path}: column 'tokens' must be a list of fixed-size lists of floats, got {array.type}")
+    dim = inner.type.list_size
+    flat = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    base = offsets[0]
+    return [flat[a - base : b - base] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def _duplicated(values: np.ndarray) -> list[bool]:
