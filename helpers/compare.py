@@ -166,7 +166,7 @@ def table1_markdown(table: pd.DataFrame) -> str:
     for model, row in table.iterrows():
         cells = []
         for column in columns:
-            text = "" if pd.isna(row[column]) else str(row[column])
+            text = "" if pd.isna(row[column]) else str(row[column]).replace("*", "\\*")
             cells.append(f"**{text}**" if best.get(column) == model and text else text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
