@@ -416,12 +416,13 @@ def read_cohort(path: Path) -> pd.DataFrame:
 
 def ensure_source(manifest: Manifest, task: str, *, progress: bool = False) -> dict:
     """Make sure the data of ``task`` exist; for the digital twin, generate it when it is
-    missing or was made with other parameters. Returns a short description (counts only)."""
+    missing or was made with other parameters or another generator version. Returns a short
+    description (counts only)."""
     get_task(task)
     if manifest.data.source != "synthetic":
         tables, index, root = imaging_source(manifest, task)
         return {"source": "omop", "tables": str(tables), "imaging_index": str(index)}
-    from helpers.twin import generate
+    from helpers.twin import GENERATOR_VERSION, generate
 
     s = manifest.synthetic
     info_path = manifest.twin_dir / task / "twin.json"
@@ -429,7 +430,8 @@ def ensure_source(manifest: Manifest, task: str, *, progress: bool = False) -> d
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         params = info.get("parameters", {})
-        if all(params.get(k) == v for k, v in wanted.items()):
+        same_generator = info.get("generator_version") == GENERATOR_VERSION
+        if same_generator and all(params.get(k) == v for k, v in wanted.items()):
             return info
     generate(manifest.twin_dir, profile=s.profile, seed=s.seed, image_share=s.image_share, tasks=(task,), progress=progress)
     return json.loads(info_path.read_text())

@@ -1,4 +1,6 @@
-"""Model comparison: C-index with bootstrap CIs, paired tests and the paper's Table 1 layout.
+"""Model comparison: C-index with bootstrap CIs, paired tests and the paper's Table 1 layout;
+IPCW metrics (Uno's C, time-dependent AUC, integrated Brier score), calibration, Holm-adjusted
+p-values and seed-to-seed variation.
 
 Reads the runs written by the training notebook (``runs/<task>/<ehr_repr>/<fusion>/seed-<k>``);
 scoring uses ``helpers.metrics`` only. The oracle (the twin's true log-hazard) is read from
@@ -8,25 +10,47 @@ the twin's ground-truth folder, the one place outside the twin where that folder
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from helpers.manifest import Manifest
-from helpers.metrics import bootstrap_ci, paired_bootstrap_test
+from helpers.metrics import (
+    NoComparablePairsError,
+    bootstrap_ci,
+    bootstrap_metric,
+    brier_score,
+    calibration,
+    holm,
+    integrated_brier_score,
+    paired_bootstrap_test,
+    time_dependent_auc,
+    uno_c,
+)
 from helpers.tasks import UNIMODAL_IMAGE
 
 __all__ = [
     "EVAL_SPLITS",
     "ORACLE",
+    "TASK_COLUMNS",
+    "best_model",
+    "calibration_table",
     "collect_runs",
+    "differences",
     "model_label",
     "oracle_risk",
+    "read_predictions",
+    "row_order",
+    "score_extended",
     "score_runs",
+    "seed_summary",
     "table1",
     "table1_markdown",
+    "table1_paper",
     "write_outputs",
+    "write_table1",
 ]
 
 EVAL_SPLITS = {"test": "Internal", "external": "External"}
@@ -41,6 +65,25 @@ _FUSION_NAMES = {
     "coattn_ehr_guided": "Co-attention (EHR guide)",
 }
 _REPR_NAMES = {"onehot": "one-hot", "clmbr": "CLMBR"}
+_MULTIMODAL = ("concat", "contrastive", "cross_attention", "coattn_image_guided", "coattn_ehr_guided")
+_REFERENCES = (("image", "Image only"), ("concat", "Concatenation"))
+
+
+def row_order(labels: list[str]) -> list[str]:
+    """``labels`` in the paper's Table 1 order: image only, EHR only (one-hot, CLMBR), then per
+    EHR representation concatenation, contrastive, cross-attention, co-attention (image guide),
+    co-attention (EHR guide); other labels after them in their given order, the oracle last.
+
+    >>> row_order([ORACLE, "Concatenation (one-hot)", "EHR only (one-hot)", "Image only"])
+    ['Image only', 'EHR only (one-hot)', 'Concatenation (one-hot)', 'Oracle (true risk)']
+    """
+    canonical = [model_label(UNIMODAL_IMAGE, "image_only")]
+    canonical += [model_label(r, "ehr_only") for r in _REPR_NAMES]
+    canonical += [model_label(r, f) for r in _REPR_NAMES for f in _MULTIMODAL]
+    rank = {label: k for k, label in enumerate(canonical)}
+    known = sorted((label for label in labels if label in rank), key=rank.__getitem__)
+    others = [label for label in labels if label not in rank and label != ORACLE]
+    return known + others + ([ORACLE] if ORACLE in labels else [])
 
 
 def model_label(ehr_repr: str, fusion: str) -> str:
@@ -90,9 +133,12 @@ def score_runs(
     seed: int = 0,
     oracle: pd.Series | None = None,
 ) -> pd.DataFrame:
-    """One row per model, seed and evaluation split: C-index, 95% CI, and paired tests
-    against the image-only model (``p_vs_image``) and against concatenation with the same EHR
-    representation (``p_vs_concat``), each on the same bootstrap resamples of the split.
+    """One row per model, seed and evaluation split: C-index, 95% CI and bootstrap standard
+    error (``se``), and paired tests against the image-only model (``p_vs_image``, with the
+    difference ``diff_vs_image`` and its 95% CI ``diff_vs_image_lower``/``_upper``) and against
+    concatenation with the same EHR representation (``*_vs_concat``), each on the same
+    bootstrap resamples of the split. ``p_vs_*_holm`` are Holm-adjusted within one task and
+    cohort (the tests behind one column of Table 1; the oracle is not tested).
     Each (split, comparison) draws from ``numpy.random.default_rng([seed, ...])``."""
     outcome = cohort.set_index("study_id")[["time", "event", "split"]]
     preds = {}
@@ -120,26 +166,43 @@ def score_runs(
                 "model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
                 "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
                 "n": len(ids), "events": int(event.sum()), "c_index": ci.estimate, "lower": ci.lower,
-                "upper": ci.upper, "n_redrawn": ci.n_redrawn,
+                "upper": ci.upper, "se": float(np.std(ci.samples, ddof=1)) if n_boot > 1 else np.nan,
+                "n_redrawn": ci.n_redrawn,
             }
             for name, ref in (("image", (UNIMODAL_IMAGE, "image_only", run_seed)), ("concat", (ehr_repr, "concat", run_seed))):
+                for suffix in ("", "_lower", "_upper"):
+                    row[f"diff_vs_{name}{suffix}"] = np.nan
                 row[f"p_vs_{name}"] = np.nan
                 if fusion == "oracle" or ref == (ehr_repr, fusion, run_seed) or ref not in preds:
                     continue
+                if name == "concat" and fusion in ("image_only", "ehr_only"):
+                    continue  # as in the paper, unimodal models are tested against image-only only
                 test = paired_bootstrap_test(time=time, event=event, risk_a=risk, risk_b=preds[ref].loc[ids].to_numpy(),
                                              n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx, len(name)]))
                 row[f"p_vs_{name}"] = test.p_value
+                row[f"diff_vs_{name}"], row[f"diff_vs_{name}_lower"], row[f"diff_vs_{name}_upper"] = (
+                    test.difference, test.lower, test.upper)
             out.append(row)
-    return pd.DataFrame(out)
+    scores = pd.DataFrame(out)
+    for column in ("p_vs_image_holm", "p_vs_concat_holm"):
+        scores[column] = np.nan
+    for _, part in scores.groupby(["cohort", "seed"]) if len(scores) else []:
+        pvalues = part[["p_vs_image", "p_vs_concat"]].to_numpy()
+        adjusted = holm(pvalues.ravel()).reshape(pvalues.shape)
+        scores.loc[part.index, "p_vs_image_holm"] = adjusted[:, 0]
+        scores.loc[part.index, "p_vs_concat_holm"] = adjusted[:, 1]
+    return scores
 
 
-def table1(scores: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
-    """The paper's layout: one row per model, one column per cohort; cells
-    ``0.837 (0.828-0.847)`` with ``*`` for p < alpha against image-only and ``+`` against
-    concatenation. Uses the smallest seed of each model. A ``best`` marker column set holds
-    the best model per column (the oracle excluded)."""
+def table1(scores: pd.DataFrame, *, alpha: float = 0.05, adjusted: bool = False) -> pd.DataFrame:
+    """The paper's layout: one row per model (in the paper's order, see :func:`row_order`), one
+    column per cohort; cells ``0.837 (0.828-0.847)`` with ``*`` for p < alpha against
+    image-only and ``+`` against concatenation (raw p-values as in the paper, or the
+    Holm-adjusted ones with ``adjusted=True``). Uses the smallest seed of each model.
+    ``table.attrs["best"]`` holds the best model per column (the oracle excluded)."""
     first = scores[scores["seed"] == scores.groupby(["ehr_repr", "fusion"])["seed"].transform("min")]
-    order = list(dict.fromkeys(first["model"]))
+    order = row_order(list(dict.fromkeys(first["model"])))
+    suffix = "_holm" if adjusted else ""
     cells, best = {}, {}
     for column in EVAL_SPLITS.values():
         part = first[first["cohort"] == column].set_index("model")
@@ -149,7 +212,7 @@ def table1(scores: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
         best[column] = models["c_index"].idxmax() if len(models) else None
         texts = {}
         for model, r in part.iterrows():
-            marks = ("*" if r["p_vs_image"] < alpha else "") + ("+" if r["p_vs_concat"] < alpha else "")
+            marks = ("*" if r[f"p_vs_image{suffix}"] < alpha else "") + ("+" if r[f"p_vs_concat{suffix}"] < alpha else "")
             texts[model] = f"{r['c_index']:.3f}{marks} ({r['lower']:.3f}-{r['upper']:.3f})"
         cells[column] = texts
     table = pd.DataFrame(cells).reindex(order)
@@ -179,6 +242,225 @@ def write_outputs(scores: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> N
     scores.to_csv(out_dir / "cindex.csv", index=False)
     (out_dir / "table1.md").write_text(table1_markdown(table) + "\n")
     (out_dir / "best.json").write_text(json.dumps(table.attrs.get("best", {}), indent=2))
+    tmp = out_dir / ".table1.csv.tmp"
+    table.to_csv(tmp)
+    tmp.replace(out_dir / "table1.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond Harrell's C: IPCW metrics, calibration, differences, seeds, Table 1 across tasks
+
+TASK_COLUMNS = ("pe", "mace")
+
+
+def read_predictions(runs: pd.DataFrame) -> dict[tuple[str, str, int], pd.DataFrame]:
+    """Each run's ``predictions.parquet`` indexed by ``study_id``, keyed by
+    ``(ehr_repr, fusion, seed)``."""
+    return {
+        (row.ehr_repr, row.fusion, row.seed): pd.read_parquet(Path(row.path) / "predictions.parquet").set_index("study_id")
+        for row in runs.itertuples(index=False)
+    }
+
+
+def _survival_column(frame: pd.DataFrame, horizon: int) -> str | None:
+    column = f"survival_{int(horizon)}d"
+    return column if column in frame.columns else None
+
+
+def _survival_grid(frame: pd.DataFrame, outcome: pd.DataFrame, ids: pd.Index, times: np.ndarray) -> np.ndarray | None:
+    """Survival of ``ids`` at ``times`` from a Breslow baseline refitted on the run's training
+    predictions (the baseline the training notebook uses); None when the run has no training
+    predictions (e.g. predictions brought from elsewhere)."""
+    from helpers.survival import BreslowBaseline
+
+    train_ids = frame.index[frame["split"] == "train"].intersection(outcome.index)
+    if len(train_ids) == 0 or outcome.loc[train_ids, "event"].sum() == 0:
+        return None
+    baseline = BreslowBaseline(frame.loc[train_ids, "risk"].to_numpy(), outcome.loc[train_ids, "time"].to_numpy(),
+                               outcome.loc[train_ids, "event"].to_numpy())
+    risk = frame.loc[ids, "risk"].to_numpy()
+    return np.column_stack([baseline.survival(risk, float(t)) for t in times])
+
+
+def _safe(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except NoComparablePairsError:
+        return None
+
+
+def score_extended(
+    runs: pd.DataFrame,
+    cohort: pd.DataFrame,
+    *,
+    horizon: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    oracle: pd.Series | None = None,
+    n_times: int = 10,
+) -> pd.DataFrame:
+    """One row per model, seed and evaluation split: Uno's C truncated at the horizon
+    (``uno_c`` with ``uno_lower``/``uno_upper``), the cumulative/dynamic AUC at the horizon
+    (``auc``, ``auc_lower``/``auc_upper``), the Brier score at the horizon (``brier``), the
+    integrated Brier score over ``n_times`` equally spaced times up to the horizon (``ibs``,
+    ``ibs_lower``/``ibs_upper``) and the Cox calibration slope at the horizon
+    (``calibration_slope``, ``calibration_slope_se``).
+
+    Censoring weights come from the Kaplan-Meier censoring distribution of the cohort's
+    ``train`` split. Confidence intervals are percentile bootstraps (``n_boot`` resamples) that
+    resample the evaluation patients with their weights and, independently, the training
+    patients (the censoring distribution is refitted each time). The integrated Brier score uses
+    survival curves from a Breslow baseline refitted on the run's training predictions; the
+    oracle has no survival predictions, so only its Uno's C and AUC are given. A metric that is
+    undefined on a split (no case or no comparable pair) is NaN.
+    """
+    outcome = cohort.set_index("study_id")[["time", "event", "split"]]
+    train = outcome[outcome["split"] == "train"]
+    if train.empty:
+        raise ValueError("score_extended: the cohort has no 'train' split for the censoring distribution")
+    train_data = {"train_time": train["time"].to_numpy(), "train_event": train["event"].to_numpy()}
+    preds = read_predictions(runs)
+    if oracle is not None:
+        preds[("oracle", "oracle", 0)] = pd.DataFrame({"risk": oracle})
+    times = np.linspace(horizon / n_times, horizon, n_times)
+    out = []
+    for s_idx, (split, column) in enumerate(EVAL_SPLITS.items()):
+        ids = outcome.index[outcome["split"] == split]
+        if len(ids) == 0:
+            continue
+        time = outcome.loc[ids, "time"].to_numpy()
+        event = outcome.loc[ids, "event"].to_numpy()
+        for m_idx, ((ehr_repr, fusion, run_seed), frame) in enumerate(preds.items()):
+            risk = frame.loc[ids, "risk"].to_numpy()
+            rng = np.random.default_rng([seed, s_idx, m_idx, 7])
+            row = {"model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
+                   "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
+                   "n": len(ids), "events_by_horizon": int(((time <= horizon) & (event == 1)).sum())}
+            data = {"time": time, "event": event, "risk": risk}
+            for name, fn in (("uno", partial(uno_c, tau=float(horizon))),
+                             ("auc", partial(time_dependent_auc, horizon=float(horizon)))):
+                result = _safe(bootstrap_metric, fn, data, train=train_data, n_boot=n_boot, rng=rng)
+                key = "uno_c" if name == "uno" else "auc"
+                row[key], row[f"{name}_lower"], row[f"{name}_upper"] = (
+                    (result.estimate, result.lower, result.upper) if result else (np.nan,) * 3)
+            column_name = _survival_column(frame, horizon)
+            row.update({"brier": np.nan, "ibs": np.nan, "ibs_lower": np.nan, "ibs_upper": np.nan,
+                        "calibration_slope": np.nan, "calibration_slope_se": np.nan})
+            if column_name is not None:
+                survival = frame.loc[ids, column_name].to_numpy()
+                row["brier"] = brier_score(time, event, survival, horizon=float(horizon), **train_data)
+                cal = _safe(calibration, time=time, event=event, survival=survival, horizon=float(horizon),
+                            n_groups=min(10, len(ids)))
+                if cal is not None:
+                    row["calibration_slope"], row["calibration_slope_se"] = cal.slope, cal.slope_se
+                grid = _survival_grid(frame, outcome, ids, times)
+                if grid is not None:
+                    ibs = bootstrap_metric(partial(integrated_brier_score, times=times),
+                                           {"time": time, "event": event, "survival": grid},
+                                           train=train_data, n_boot=n_boot, rng=rng)
+                    row["ibs"], row["ibs_lower"], row["ibs_upper"] = ibs.estimate, ibs.lower, ibs.upper
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def differences(scores: pd.DataFrame) -> pd.DataFrame:
+    """Long table of C-index differences from :func:`score_runs`: one row per model, seed,
+    cohort and reference (``Image only`` or ``Concatenation``) with ``difference``, its paired
+    95% CI (``lower``, ``upper``), the raw ``p_value`` and the Holm-adjusted ``p_holm``."""
+    rows = []
+    for _, r in scores.iterrows():
+        for name, reference in _REFERENCES:
+            if pd.isna(r.get(f"p_vs_{name}", np.nan)):
+                continue
+            rows.append({"model": r["model"], "ehr_repr": r["ehr_repr"], "fusion": r["fusion"], "seed": r["seed"],
+                         "cohort": r["cohort"], "reference": reference, "difference": r[f"diff_vs_{name}"],
+                         "lower": r[f"diff_vs_{name}_lower"], "upper": r[f"diff_vs_{name}_upper"],
+                         "p_value": r[f"p_vs_{name}"], "p_holm": r[f"p_vs_{name}_holm"]})
+    columns = ["model", "ehr_repr", "fusion", "seed", "cohort", "reference", "difference", "lower", "upper",
+               "p_value", "p_holm"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def seed_summary(scores: pd.DataFrame, metric: str = "c_index") -> pd.DataFrame:
+    """Seed-to-seed variation kept apart from test-set sampling variation: per model and cohort,
+    the number of seeds, the mean and standard deviation of ``metric`` over seeds
+    (``sd_seeds``, NaN with one seed) and the mean bootstrap standard error within a seed
+    (``se_bootstrap``, from the ``se`` column when present)."""
+    frame = scores[scores["fusion"] != "oracle"]
+    grouped = frame.groupby(["model", "cohort"], sort=False)
+    summary = grouped[metric].agg(n_seeds="count", mean="mean", sd_seeds="std")
+    summary["se_bootstrap"] = grouped["se"].mean() if "se" in frame.columns else np.nan
+    summary = summary.reset_index()
+    order = {label: k for k, label in enumerate(row_order(list(dict.fromkeys(summary["model"]))))}
+    return summary.sort_values(["cohort", "model"], key=lambda c: c.map(order) if c.name == "model" else c,
+                               kind="stable").reset_index(drop=True)
+
+
+def best_model(scores: pd.DataFrame, cohort: str = "Internal") -> tuple[str, str] | None:
+    """``(ehr_repr, fusion)`` of the model with the highest mean C-index over seeds on
+    ``cohort`` (the oracle excluded); None when no model was scored there."""
+    part = scores[(scores["cohort"] == cohort) & (scores["fusion"] != "oracle")]
+    if part.empty:
+        return None
+    means = part.groupby(["ehr_repr", "fusion"])["c_index"].mean()
+    return tuple(means.idxmax())
+
+
+def calibration_table(
+    frame: pd.DataFrame, cohort: pd.DataFrame, *, horizon: int, n_groups: int = 10
+) -> pd.DataFrame:
+    """Calibration by risk group at the horizon for one run's predictions (``frame`` indexed
+    by ``study_id``) on each evaluation split: ``cohort``, ``group`` (1 = lowest predicted
+    risk), ``n``, ``events``, ``predicted`` and Kaplan-Meier ``observed`` event probability,
+    and the split's Cox calibration ``slope`` and ``slope_se`` repeated on each row."""
+    column = _survival_column(frame, horizon)
+    if column is None:
+        raise ValueError(f"predictions have no survival_{int(horizon)}d column; calibration needs it")
+    outcome = cohort.set_index("study_id")[["time", "event", "split"]]
+    rows = []
+    for split, name in EVAL_SPLITS.items():
+        ids = outcome.index[outcome["split"] == split]
+        if len(ids) < 2:
+            continue
+        result = _safe(calibration, time=outcome.loc[ids, "time"].to_numpy(), event=outcome.loc[ids, "event"].to_numpy(),
+                       survival=frame.loc[ids, column].to_numpy(), horizon=float(horizon),
+                       n_groups=min(n_groups, len(ids)))
+        if result is None:
+            continue
+        for k in range(result.predicted.size):
+            rows.append({"cohort": name, "group": k + 1, "n": int(result.n[k]), "events": int(result.events[k]),
+                         "predicted": result.predicted[k], "observed": result.observed[k],
+                         "slope": result.slope, "slope_se": result.slope_se})
+    return pd.DataFrame(rows, columns=["cohort", "group", "n", "events", "predicted", "observed", "slope", "slope_se"])
+
+
+def table1_paper(scores_by_task: dict[str, pd.DataFrame], *, alpha: float = 0.05, adjusted: bool = False) -> pd.DataFrame:
+    """Table 1 across tasks as in the paper: rows in the paper's order (models not run are
+    omitted, the oracle last), columns ``Internal PE``, ``Internal MACE``, ``External PE``,
+    ``External MACE`` (those with scores), cells as in :func:`table1`. ``attrs["best"]`` holds
+    the best model of each column."""
+    per_task = {task: table1(scores, alpha=alpha, adjusted=adjusted) for task, scores in scores_by_task.items()}
+    columns, best, labels = {}, {}, []
+    for cohort in EVAL_SPLITS.values():
+        for task in sorted(per_task, key=lambda t: TASK_COLUMNS.index(t) if t in TASK_COLUMNS else len(TASK_COLUMNS)):
+            table = per_task[task]
+            if cohort not in table.columns:
+                continue
+            name = f"{cohort} {task.upper()}"
+            columns[name] = table[cohort]
+            best[name] = table.attrs["best"].get(cohort)
+            labels += list(table.index)
+    out = pd.DataFrame(columns).reindex(row_order(list(dict.fromkeys(labels))))
+    out.index.name = "Model"
+    out.attrs["best"] = best
+    return out
+
+
+def write_table1(table: pd.DataFrame, out_dir: Path) -> None:
+    """Write ``table1.csv`` and ``table1.md`` (best of each column in bold) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table1.md").write_text(table1_markdown(table) + "\n")
     tmp = out_dir / ".table1.csv.tmp"
     table.to_csv(tmp)
     tmp.replace(out_dir / "table1.csv")

@@ -7,8 +7,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from lifelines import KaplanMeierFitter
+from lifelines.statistics import multivariate_logrank_test
 
-__all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest"]
+__all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest",
+           "difference_forest", "calibration_plot", "km_by_risk_tertile"]
 
 
 def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -103,4 +105,81 @@ def cindex_forest(scores: pd.DataFrame, *, title: str) -> plt.Figure:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def difference_forest(diffs: pd.DataFrame, *, title: str) -> plt.Figure:
+    """C-index differences with paired 95% bootstrap CIs (``compare.differences``): one panel
+    per reference (vs image only, vs concatenation), rows = models, colours = cohorts; the
+    Holm-adjusted p-value is written next to each interval."""
+    references = list(dict.fromkeys(diffs["reference"])) or ["Image only"]
+    models = list(dict.fromkeys(diffs["model"]))
+    fig, axes = plt.subplots(1, len(references), figsize=(5.2 * len(references), 0.5 * max(len(models), 1) + 1.4),
+                             sharey=True, squeeze=False)
+    cohorts = list(dict.fromkeys(diffs["cohort"]))
+    for ax, reference in zip(axes[0], references, strict=True):
+        for k, cohort in enumerate(cohorts):
+            part = diffs[(diffs["reference"] == reference) & (diffs["cohort"] == cohort)]
+            part = part.drop_duplicates("model").set_index("model").reindex(models)
+            y = np.arange(len(models)) + (k - (len(cohorts) - 1) / 2) * 0.25
+            ax.errorbar(part["difference"], y, xerr=[part["difference"] - part["lower"], part["upper"] - part["difference"]],
+                        fmt="o", capsize=3, label=cohort, color=f"C{k}")
+            for yy, (_, r) in zip(y, part.iterrows(), strict=True):
+                if pd.notna(r["difference"]):
+                    ax.annotate(f"p={r['p_value']:.3f} (Holm {r['p_holm']:.3f})", (r["upper"], yy),
+                                xytext=(4, -3), textcoords="offset points", fontsize=7)
+        ax.axvline(0.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"vs {reference.lower()}", fontsize=10)
+        ax.set_xlabel("difference in Harrell's C (paired 95% CI)")
+    axes[0][0].set_yticks(np.arange(len(models)), models)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_plot(table: pd.DataFrame, *, title: str) -> plt.Figure:
+    """Predicted vs Kaplan-Meier observed event probability by risk group at the horizon
+    (``compare.calibration_table``), one colour per cohort, with the Cox calibration slope."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    top = 0.0
+    for k, (cohort, part) in enumerate(table.groupby("cohort", sort=False)):
+        slope, se = part["slope"].iloc[0], part["slope_se"].iloc[0]
+        ax.plot(part["predicted"], part["observed"], "o-", color=f"C{k}",
+                label=f"{cohort} (slope {slope:.2f} ± {1.96 * se:.2f})")
+        top = max(top, part["predicted"].max(), part["observed"].max())
+    top = min(1.0, 1.05 * top) if top > 0 else 1.0
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--", label="ideal")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted event probability (group mean)")
+    ax.set_ylabel("observed (Kaplan-Meier) event probability")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def km_by_risk_tertile(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, horizon: float,
+                       title: str) -> plt.Figure:
+    """Kaplan-Meier curves of the low, middle and high thirds of predicted risk (higher risk =
+    earlier event), with lifelines' multivariate log-rank test across the three groups in the
+    title. The test's p-value is also stored as ``fig.logrank_p``."""
+    time, event, risk = (np.asarray(a, dtype=float) for a in (time, event, risk))
+    ranks = np.argsort(np.argsort(risk, kind="stable"), kind="stable")
+    tertile = np.minimum(3 * ranks // len(risk), 2)
+    names = np.array(["low risk", "middle risk", "high risk"])[tertile]
+    test = multivariate_logrank_test(time, names, event)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k, name in enumerate(["low risk", "middle risk", "high risk"]):
+        mask = names == name
+        KaplanMeierFitter(label=f"{name} (n={int(mask.sum())}, events={int(event[mask].sum())})").fit(
+            time[mask], event[mask]).plot_survival_function(ax=ax, ci_show=True, color=f"C{k}")
+    ax.set_xlim(0, horizon)
+    ax.set_xlabel("days after the index CT")
+    ax.set_ylabel("event-free probability")
+    ax.set_title(f"{title}\nlog-rank test, 3 groups: chi2 = {test.test_statistic:.1f}, p = {test.p_value:.2g}", fontsize=10)
+    fig.tight_layout()
+    fig.logrank_p = float(test.p_value)
     return fig

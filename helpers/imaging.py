@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -22,6 +23,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
@@ -241,6 +245,29 @@ def _ds(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.4e}"
 
 
+def _encode(ds: Dataset) -> bytes:
+    """``ds``'s elements encoded as Explicit VR Little Endian (no preamble, no file meta)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+_LONG_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "SQ", "UC", "UN", "UR", "UT"}
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    """One Explicit VR Little Endian data element; ``value`` is padded to an even length (UI
+    and OB with a zero byte, text with a space)."""
+    if len(value) % 2:
+        value += b"\x00" if vr in ("UI", "OB") else b" "
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    if vr in _LONG_VRS:
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
 def write_dicom_series(
     volume: Volume,
     folder: str | os.PathLike[str],
@@ -313,6 +340,7 @@ def write_dicom_series(
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = "1"
     ds.SeriesNumber = 1
+    ds.AcquisitionNumber = 1
     ds.FrameOfReferenceUID = generate_uid(entropy_srcs=[series_uid, "frame-of-reference"])
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.PositionReferenceIndicator = ""
@@ -331,17 +359,63 @@ def write_dicom_series(
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
 
+    # The fixed elements are encoded once by pydicom; each file joins them with its own file
+    # meta, slice elements and pixel data, encoded here (the bytes ``Dataset.save_as`` would
+    # write, many times faster; tests/test_imaging.py checks the files under strict
+    # validation).
+    per_slice = {
+        Tag("SOPInstanceUID"),
+        Tag("InstanceNumber"),
+        Tag("ImagePositionPatient"),
+        Tag("SliceLocation"),
+        Tag("PixelData"),
+    }
+    ds.SOPInstanceUID = ""
+    ds.InstanceNumber = 1
+    ds.ImagePositionPatient = [_ds(ox), _ds(oy), _ds(oz)]
+    ds.SliceLocation = _ds(oz)
+    ds.PixelData = b""
+    ds["PixelData"].VR = "OW"
+    chunks: list[bytes | int] = []  # encoded runs of fixed elements, or a per-slice tag
+    run = Dataset()
+    for elem in ds:  # ascending tag order, as a DICOM file requires
+        if elem.tag in per_slice:
+            if len(run):
+                chunks.append(_encode(run))
+                run = Dataset()
+            chunks.append(int(elem.tag))
+        else:
+            run.add(elem)
+    if len(run):
+        chunks.append(_encode(run))
+    meta_fixed = (
+        _element(0x00020001, "OB", b"\x00\x01"),
+        _element(0x00020002, "UI", CTImageStorage.encode()),
+        _element(0x00020010, "UI", ExplicitVRLittleEndian.encode())
+        + _element(0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID.encode())
+        + _element(0x00020013, "SH", f"PYDICOM {pydicom.__version__}".encode()),
+    )
     paths = []
     for k in range(nz):
-        sop_uid = generate_uid(entropy_srcs=[series_uid, str(k)])
+        sop = generate_uid(entropy_srcs=[series_uid, str(k)]).encode()
         z = oz + k * sz
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(ox), _ds(oy), _ds(z)]
-        ds.SliceLocation = _ds(z)
-        ds.PixelData = stored[k].tobytes()
+        values = {
+            int(Tag("SOPInstanceUID")): _element(0x00080018, "UI", sop),
+            int(Tag("InstanceNumber")): _element(0x00200013, "IS", str(k + 1).encode()),
+            int(Tag("ImagePositionPatient")): _element(
+                0x00200032, "DS", "\\".join((_ds(ox), _ds(oy), _ds(z))).encode()
+            ),
+            int(Tag("SliceLocation")): _element(0x00201041, "DS", _ds(z).encode()),
+            int(Tag("PixelData")): _element(0x7FE00010, "OW", stored[k].tobytes()),
+        }
+        meta_group = meta_fixed[0] + meta_fixed[1] + _element(0x00020003, "UI", sop) + meta_fixed[2]
+        parts = [
+            b"\x00" * 128 + b"DICM",
+            _element(0x00020000, "UL", struct.pack("<I", len(meta_group))),
+            meta_group,
+        ]
+        parts += [values[c] if isinstance(c, int) else c for c in chunks]
         target = out / f"{k + 1:04d}.dcm"
-        ds.save_as(target, enforce_file_format=True)
+        target.write_bytes(b"".join(parts))
         paths.append(target)
     return paths

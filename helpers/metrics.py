@@ -1,4 +1,11 @@
-"""Discrimination metrics for right-censored survival data: Harrell's C and its bootstrap.
+"""Metrics for right-censored survival data: discrimination, calibration and their bootstrap.
+
+Harrell's C (:func:`harrell_c`, O(n log n)) with its bootstrap (:func:`bootstrap_ci`,
+:func:`paired_bootstrap_test`); inverse-probability-of-censoring-weighted (IPCW) metrics
+(:func:`uno_c`, :func:`time_dependent_auc`, :func:`brier_score`,
+:func:`integrated_brier_score`) with a generic patient bootstrap that recomputes every weight
+on every resample (:func:`bootstrap_metric`, :func:`paired_bootstrap_metric`); calibration at a
+horizon (:func:`calibration`); Holm's step-down adjustment (:func:`holm`).
 
 Risk convention everywhere: ``risk`` is a score where a **higher value means an earlier event**
 (scikit-survival's convention; a Cox linear predictor or a hazard ratio qualifies). lifelines'
@@ -19,11 +26,24 @@ Inputs: ``time`` is non-negative and finite (any unit; days in this study), ``ev
 0/1 or bool (1 = event observed, 0 = censored), ``risk`` is finite. All are 1-D with one entry
 per subject and at least two subjects.
 
-This module depends on numpy only, so it scores predictions from any model.
+IPCW conventions (the IPCW metrics). The censoring distribution ``G(t) = P(C > t)`` is the
+Kaplan-Meier estimate of the *training* data with the roles of event and censoring swapped;
+at a tied time, events leave before censorings (as in scikit-survival's
+``CensoringDistributionEstimator``). After the last training time ``G`` stays at its last value.
+A right-censored time ``c`` means ``T > c``, so a subject censored exactly at the evaluation
+time ``t`` is a control (event-free beyond ``t``), and an observation at time ``s`` needed
+``C >= s``: weights use the left limit ``G(s-)``, as in Uno et al. (2011). scikit-survival
+uses ``G(s)`` and ``time > t``; the two agree whenever no training censoring time equals a
+test event time or ``t`` and no test subject is censored exactly at ``t``. The left limit keeps
+the metrics defined at a horizon where follow-up is administratively censored (there
+``G(horizon) = 0`` but ``G(horizon-) > 0``).
+
+This module depends on numpy and scipy only, so it scores predictions from any model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -31,11 +51,20 @@ import numpy as np
 
 __all__ = [
     "BootstrapResult",
+    "CalibrationResult",
     "NoComparablePairsError",
     "PairedTestResult",
     "bootstrap_ci",
+    "bootstrap_metric",
+    "brier_score",
+    "calibration",
     "harrell_c",
+    "holm",
+    "integrated_brier_score",
+    "paired_bootstrap_metric",
     "paired_bootstrap_test",
+    "time_dependent_auc",
+    "uno_c",
 ]
 
 # Above this many subjects the bootstrap scores each resample with the O(n log n) counter
@@ -58,12 +87,12 @@ class NoComparablePairsError(ValueError):
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    """Percentile bootstrap of Harrell's C.
+    """Percentile bootstrap of a metric (Harrell's C for :func:`bootstrap_ci`).
 
     Attributes
     ----------
     estimate : float
-        Harrell's C on the full data, in [0, 1].
+        The metric on the full data (for Harrell's C, in [0, 1]).
     lower, upper : float
         Percentile confidence limits (``alpha / 2`` and ``1 - alpha / 2`` quantiles of
         ``samples``).
@@ -72,7 +101,7 @@ class BootstrapResult:
     n_redrawn : int
         Resamples that had no comparable pair and were replaced by a fresh draw.
     samples : numpy.ndarray
-        float64, shape ``(n_boot,)``: C on each kept resample.
+        float64, shape ``(n_boot,)``: the metric on each kept resample.
     """
 
     estimate: float
@@ -85,12 +114,13 @@ class BootstrapResult:
 
 @dataclass(frozen=True)
 class PairedTestResult:
-    """Paired bootstrap comparison of two risk scores on the same subjects.
+    """Paired bootstrap comparison of two models on the same subjects.
 
     Attributes
     ----------
     c_a, c_b : float
-        Harrell's C of ``risk_a`` and ``risk_b`` on the full data.
+        The metric of model a and model b on the full data (Harrell's C of ``risk_a`` and
+        ``risk_b`` for :func:`paired_bootstrap_test`).
     difference : float
         ``c_a - c_b``.
     lower, upper : float
@@ -561,3 +591,798 @@ def paired_bootstrap_test(
         n_boot=n_boot,
         n_redrawn=n_redrawn,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inverse probability of censoring weights
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Calibration of predicted event probabilities at a horizon.
+
+    Attributes
+    ----------
+    horizon : float
+        The time at which the probabilities are predicted (same unit as ``time``).
+    predicted : numpy.ndarray
+        float64, shape ``(n_groups,)``: mean predicted event probability ``1 - S(horizon)`` in
+        each risk group, groups ordered from the lowest to the highest predicted risk.
+    observed : numpy.ndarray
+        float64, shape ``(n_groups,)``: Kaplan-Meier event probability by the horizon in each
+        group, ``1 - KM(horizon)``.
+    n : numpy.ndarray
+        int64, shape ``(n_groups,)``: subjects per group.
+    events : numpy.ndarray
+        int64, shape ``(n_groups,)``: events observed up to the horizon per group.
+    slope, slope_se : float
+        Cox calibration slope and its standard error: the coefficient of
+        ``log(-log S(horizon | x))`` in a Cox model of the follow-up truncated at the horizon
+        (1 is ideal; below 1 the predictions are too extreme, above 1 too modest). Both are NaN
+        when the predictions do not vary (a slope is then undefined).
+    """
+
+    horizon: float
+    predicted: np.ndarray
+    observed: np.ndarray
+    n: np.ndarray
+    events: np.ndarray
+    slope: float
+    slope_se: float
+
+
+class _CensoringKM:
+    """Kaplan-Meier estimate of the censoring survival function ``G(t) = P(C > t)``.
+
+    Built from training ``time`` (float64, (n,)) and ``event`` (bool, (n,)): censorings are the
+    "events", and subjects with an event at a tied time leave the risk set first.
+    """
+
+    def __init__(self, time: np.ndarray, event: np.ndarray) -> None:
+        times, inverse = np.unique(time, return_inverse=True)
+        n_events = np.bincount(inverse, weights=event.astype(np.float64), minlength=times.size)
+        n_total = np.bincount(inverse, minlength=times.size).astype(np.float64)
+        n_censored = n_total - n_events
+        at_risk = time.shape[0] - np.concatenate([[0.0], np.cumsum(n_total)[:-1]])
+        at_risk_censoring = at_risk - n_events
+        hazard = np.divide(
+            n_censored,
+            at_risk_censoring,
+            out=np.zeros_like(n_censored),
+            where=at_risk_censoring > 0,
+        )
+        self.times = times
+        self.survival = np.cumprod(1.0 - hazard)
+
+    def left_limit(self, t: np.ndarray) -> np.ndarray:
+        """``G(t-)``: probability of remaining uncensored up to just before ``t``."""
+        index = np.searchsorted(self.times, t, side="left") - 1
+        return np.where(index >= 0, self.survival[np.maximum(index, 0)], 1.0)
+
+    def at(self, t: np.ndarray) -> np.ndarray:
+        """``G(t)``, right-continuous."""
+        index = np.searchsorted(self.times, t, side="right") - 1
+        return np.where(index >= 0, self.survival[np.maximum(index, 0)], 1.0)
+
+    def inverse_weights(self, t: np.ndarray, what: str) -> np.ndarray:
+        """``1 / G(t-)``; raises when the censoring survival is zero at a needed time."""
+        g = self.left_limit(t)
+        if (g <= 0).any():
+            first = float(np.asarray(t)[g <= 0].min())
+            raise ValueError(
+                f"the censoring distribution of 'train_time'/'train_event' is zero before "
+                f"{first:g} ({what}); every training subject still at risk was censored earlier, "
+                "so inverse probability of censoring weights are undefined there"
+            )
+        return 1.0 / g
+
+
+def _check_train(train_time: object, train_event: object) -> _CensoringKM:
+    time_arr = _as_1d_numeric(train_time, "train_time")
+    event_arr = _as_1d_numeric(train_event, "train_event")
+    if event_arr.shape[0] != time_arr.shape[0]:
+        raise ValueError(
+            f"Dimension mismatch: 'train_event' has {event_arr.shape[0]} samples but "
+            f"'train_time' has {time_arr.shape[0]}"
+        )
+    if time_arr.shape[0] < 1:
+        raise ValueError("'train_time' must hold at least 1 sample, got 0")
+    if (time_arr < 0).any():
+        first = int(np.flatnonzero(time_arr < 0)[0])
+        raise ValueError(
+            f"'train_time' must be non-negative, got {time_arr[first]} at index {first}"
+        )
+    if ((event_arr != 0) & (event_arr != 1)).any():
+        raise ValueError("'train_event' must hold only 0/1 or bool")
+    return _CensoringKM(time_arr, event_arr.astype(bool))
+
+
+def _check_time_point(value: object, name: str, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not np.isfinite(float(value)):
+        raise ValueError(f"'{name}' must be a finite number, got {value!r}")
+    if float(value) <= 0:
+        raise ValueError(f"'{name}' must be positive, got {value!r}")
+    return float(value)
+
+
+def _check_probabilities(values: np.ndarray, name: str) -> np.ndarray:
+    outside = (values < 0) | (values > 1)
+    if outside.any():
+        first = int(np.flatnonzero(outside.ravel())[0])
+        raise ValueError(
+            f"'{name}' holds survival probabilities and must lie in [0, 1], got "
+            f"{values.ravel()[first]} at flat index {first}"
+        )
+    return values
+
+
+def _suffix_rank_counts(
+    rank_by_pos: np.ndarray, starts: np.ndarray, query: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query ``k``: positions ``p >= starts[k]`` with rank below / at most ``query[k]``.
+
+    The per-query form of :func:`_suffix_rank_totals` (same block decomposition of the prefix
+    ``[0, start)``); returns two int64 arrays shaped like ``query``.
+    """
+    n = rank_by_pos.shape[0]
+    n_ranks = int(rank_by_pos.max()) + 1
+    all_sorted = np.sort(rank_by_pos)
+    less = np.searchsorted(all_sorted, query, side="left").astype(np.int64)
+    at_most = np.searchsorted(all_sorted, query, side="right").astype(np.int64)
+    positions = np.arange(n, dtype=np.int64)
+    max_start = int(starts.max()) if starts.size else 0
+    level = 0
+    while (1 << level) <= max_start:
+        selected = ((starts >> level) & 1).astype(bool)
+        if selected.any():
+            keys = np.sort((positions >> level) * n_ranks + rank_by_pos)
+            block = (starts[selected] >> level) - 1
+            base = block << level
+            level_queries = block * n_ranks + query[selected]
+            less[selected] -= np.searchsorted(keys, level_queries, side="left") - base
+            at_most[selected] -= np.searchsorted(keys, level_queries, side="right") - base
+        level += 1
+    return less, at_most
+
+
+def uno_c(
+    time: object,
+    event: object,
+    risk: object,
+    *,
+    train_time: object,
+    train_event: object,
+    tau: float | None,
+) -> float:
+    """Uno's concordance index: Harrell's pairs weighted by ``1 / G(T_i-)^2``.
+
+    Parameters
+    ----------
+    time, event, risk : array_like, shape (n_samples,)
+        Test data as in :func:`harrell_c`; **higher risk means an earlier event**.
+    train_time, train_event : array_like, shape (n_train,)
+        Training data; their censoring distribution ``G`` gives the weights.
+    tau : float or None
+        Truncation time: only events before ``tau`` count as the earlier member of a pair
+        (``None``: no truncation). Choose ``tau`` where ``G`` is still well above 0.
+
+    Returns
+    -------
+    float
+        C in [0, 1]. An ordered pair ``(i, j)`` is comparable as in :func:`harrell_c`, with
+        ``time[i] < tau``; its weight is ``1 / G(time[i]-)^2``. Equals scikit-survival's
+        ``concordance_index_ipcw`` up to its ``tied_tol`` on risks and the ``G(s-)`` convention
+        of the module docstring. O(n log^2 n).
+
+    Raises
+    ------
+    NoComparablePairsError
+        If no event before ``tau`` has a comparable partner.
+
+    Examples
+    --------
+    >>> uno_c(time=[1, 2, 3, 4], event=[1, 1, 0, 1], risk=[4, 3, 2, 1],
+    ...       train_time=[1, 2, 3, 4], train_event=[1, 0, 1, 0], tau=None)
+    1.0
+    """
+    time_arr, event_arr, (risk_arr,) = _check_survival_inputs(time, event, risk=risk)
+    censoring = _check_train(train_time, train_event)
+    tau_value = _check_time_point(tau, "tau", allow_none=True)
+    structure = _PairStructure(time_arr, event_arr)
+    kept = np.ones(structure.event_index.size, dtype=bool)
+    event_times = time_arr[structure.event_index]
+    if tau_value is not None:
+        kept = event_times < tau_value
+    comparable = (structure.n - structure.starts)[kept]
+    if not kept.any() or comparable.sum() == 0:
+        raise NoComparablePairsError(
+            _no_pairs_message(event_arr) if structure.n_pairs == 0 else
+            f"No comparable pairs before tau={tau_value:g}: no event before tau has a later exit"
+        )
+    weights = censoring.inverse_weights(event_times[kept], "at a test event time") ** 2
+    _, rank = np.unique(risk_arr, return_inverse=True)
+    rank = rank.astype(np.int64)
+    less, at_most = _suffix_rank_counts(
+        rank[structure.order], structure.starts[kept], rank[structure.event_index[kept]]
+    )
+    numerator = np.sum(weights * (less + 0.5 * (at_most - less)))
+    return float(numerator / np.sum(weights * comparable))
+
+
+def time_dependent_auc(
+    time: object,
+    event: object,
+    risk: object,
+    *,
+    train_time: object,
+    train_event: object,
+    horizon: float,
+) -> float:
+    """Cumulative/dynamic AUC at ``horizon`` with IPCW.
+
+    Cases had the event by the horizon (``event == 1`` and ``time <= horizon``) and weigh
+    ``1 / G(time-)``; controls are event-free beyond it (``time > horizon``, or censored at it)
+    and weigh 1 (their common weight ``1 / G(horizon-)`` cancels). The AUC is the weighted
+    share of case-control pairs where the case has the higher risk, ties counting one half.
+
+    Parameters
+    ----------
+    time, event, risk : array_like, shape (n_samples,)
+        Test data as in :func:`harrell_c`; **higher risk means an earlier event**.
+    train_time, train_event : array_like, shape (n_train,)
+        Training data for the censoring distribution.
+    horizon : float
+        Positive evaluation time, same unit as ``time``.
+
+    Returns
+    -------
+    float
+        AUC in [0, 1]; equals scikit-survival's ``cumulative_dynamic_auc`` at one time point up
+        to its ``tied_tol`` and the conventions of the module docstring.
+
+    Raises
+    ------
+    NoComparablePairsError
+        If there is no case or no control.
+
+    Examples
+    --------
+    >>> time_dependent_auc(time=[1, 2, 5, 6], event=[1, 1, 0, 1], risk=[3, 1, 2, 0],
+    ...                    train_time=[1, 2, 5, 6], train_event=[1, 1, 0, 1], horizon=3)
+    0.75
+    """
+    time_arr, event_arr, (risk_arr,) = _check_survival_inputs(time, event, risk=risk)
+    censoring = _check_train(train_time, train_event)
+    horizon_value = _check_time_point(horizon, "horizon")
+    cases = event_arr & (time_arr <= horizon_value)
+    controls = (time_arr > horizon_value) | ((time_arr == horizon_value) & ~event_arr)
+    if not cases.any() or not controls.any():
+        raise NoComparablePairsError(
+            f"time_dependent_auc at horizon={horizon_value:g} needs cases and controls, got "
+            f"{int(cases.sum())} case(s) and {int(controls.sum())} control(s)"
+        )
+    weights = censoring.inverse_weights(time_arr[cases], "at a test event time")
+    control_risk = np.sort(risk_arr[controls])
+    case_risk = risk_arr[cases]
+    less = np.searchsorted(control_risk, case_risk, side="left")
+    at_most = np.searchsorted(control_risk, case_risk, side="right")
+    credit = np.sum(weights * (less + 0.5 * (at_most - less)))
+    return float(credit / (np.sum(weights) * control_risk.size))
+
+
+def brier_score(
+    time: object,
+    event: object,
+    survival: object,
+    *,
+    train_time: object,
+    train_event: object,
+    horizon: float,
+) -> float:
+    """IPCW Brier score (Graf et al., 1999) of predicted survival at ``horizon``.
+
+    ``mean_i [ S_i^2 * case_i / G(time_i-) + (1 - S_i)^2 * control_i / G(horizon-) ]`` with
+    cases and controls as in :func:`time_dependent_auc`; censored subjects before the horizon
+    contribute 0 and are represented through the weights.
+
+    Parameters
+    ----------
+    time, event : array_like, shape (n_samples,)
+        Test data as in :func:`harrell_c`.
+    survival : array_like, shape (n_samples,)
+        Predicted probability of being event-free at ``horizon``, in [0, 1] (**higher means a
+        later event**, the opposite of ``risk``).
+    train_time, train_event : array_like, shape (n_train,)
+        Training data for the censoring distribution.
+    horizon : float
+        Positive evaluation time.
+
+    Returns
+    -------
+    float
+        The Brier score, >= 0; lower is better (0.25 is the score of predicting 0.5 for all
+        when half the subjects have the event).
+
+    Examples
+    --------
+    >>> brier_score(time=[1, 2, 5, 6], event=[1, 1, 0, 1], survival=[0.0, 0.0, 1.0, 1.0],
+    ...             train_time=[1, 2, 5, 6], train_event=[1, 1, 0, 1], horizon=3)
+    0.0
+    """
+    time_arr, event_arr, (surv_arr,) = _check_survival_inputs(time, event, survival=survival)
+    _check_probabilities(surv_arr, "survival")
+    censoring = _check_train(train_time, train_event)
+    horizon_value = _check_time_point(horizon, "horizon")
+    return float(_brier_at(time_arr, event_arr, surv_arr, censoring, horizon_value))
+
+
+def _brier_at(
+    time: np.ndarray, event: np.ndarray, survival: np.ndarray, censoring: _CensoringKM, t: float
+) -> float:
+    cases = event & (time <= t)
+    controls = (time > t) | ((time == t) & ~event)
+    score = np.zeros(time.shape[0])
+    if cases.any():
+        weights = censoring.inverse_weights(time[cases], "at a test event time")
+        score[cases] = survival[cases] ** 2 * weights
+    if controls.any():
+        weight = censoring.inverse_weights(np.array([t]), f"at the evaluation time {t:g}")[0]
+        score[controls] = (1.0 - survival[controls]) ** 2 * weight
+    return float(np.mean(score))
+
+
+def integrated_brier_score(
+    time: object,
+    event: object,
+    survival: object,
+    *,
+    train_time: object,
+    train_event: object,
+    times: object,
+) -> float:
+    """Integrated Brier score: the trapezoidal mean of :func:`brier_score` over ``times``.
+
+    Parameters
+    ----------
+    time, event : array_like, shape (n_samples,)
+        Test data as in :func:`harrell_c`.
+    survival : array_like, shape (n_samples, n_times)
+        Predicted event-free probability of each subject at each of ``times``, in [0, 1].
+    train_time, train_event : array_like, shape (n_train,)
+        Training data for the censoring distribution.
+    times : array_like, shape (n_times,)
+        At least two strictly increasing positive evaluation times.
+
+    Returns
+    -------
+    float
+        ``trapezoid(BS(t), t) / (times[-1] - times[0])``, as scikit-survival's
+        ``integrated_brier_score``; lower is better.
+
+    Examples
+    --------
+    >>> integrated_brier_score(time=[1, 2, 5, 6], event=[1, 1, 0, 1],
+    ...                        survival=[[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0]],
+    ...                        train_time=[1, 2, 5, 6], train_event=[1, 1, 0, 1], times=[3, 4])
+    0.0
+    """
+    times_arr = _as_1d_numeric(times, "times")
+    if times_arr.shape[0] < 2:
+        raise ValueError(f"'times' must hold at least 2 time points, got {times_arr.shape[0]}")
+    if (times_arr <= 0).any() or (np.diff(times_arr) <= 0).any():
+        raise ValueError(f"'times' must be positive and strictly increasing, got {times_arr}")
+    surv_arr = np.asarray(survival)
+    if surv_arr.ndim != 2 or surv_arr.shape[1] != times_arr.shape[0]:
+        raise ValueError(
+            f"'survival' must have shape (n_samples, {times_arr.shape[0]}) to match 'times', "
+            f"got shape {surv_arr.shape}"
+        )
+    if surv_arr.dtype.kind not in "biuf" or not np.isfinite(surv_arr).all():
+        raise ValueError("'survival' must be finite numbers")
+    surv_arr = _check_probabilities(surv_arr.astype(np.float64), "survival")
+    time_arr, event_arr, _ = _check_survival_inputs(time, event, survival=surv_arr[:, 0])
+    censoring = _check_train(train_time, train_event)
+    scores = np.array(
+        [
+            _brier_at(time_arr, event_arr, surv_arr[:, k], censoring, float(t))
+            for k, t in enumerate(times_arr)
+        ]
+    )
+    return float(np.trapezoid(scores, times_arr) / (times_arr[-1] - times_arr[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic patient bootstrap
+
+
+def _as_columns(data: Mapping[str, object], name: str) -> dict[str, np.ndarray]:
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError(f"'{name}' must be a non-empty mapping of argument name to array")
+    columns = {key: np.asarray(value) for key, value in data.items()}
+    lengths = {key: (value.shape[0] if value.ndim else -1) for key, value in columns.items()}
+    first_key = next(iter(lengths))
+    for key, length in lengths.items():
+        if length != lengths[first_key]:
+            raise ValueError(
+                f"Dimension mismatch in '{name}': '{key}' has {length} samples but "
+                f"'{first_key}' has {lengths[first_key]}"
+            )
+    if lengths[first_key] < 2:
+        raise ValueError(f"'{name}' must hold at least 2 samples, got {lengths[first_key]}")
+    return columns
+
+
+def _draw_values(
+    evaluate: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+    n: int,
+    n_train: int | None,
+    n_boot: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    values: list[np.ndarray] = []
+    n_redrawn = 0
+    while len(values) < n_boot:
+        index = rng.integers(0, n, size=n)
+        train_index = None if n_train is None else rng.integers(0, n_train, size=n_train)
+        try:
+            values.append(np.atleast_1d(evaluate(index, train_index)))
+        except NoComparablePairsError as err:
+            n_redrawn += 1
+            if n_redrawn > _MAX_REDRAWS_PER_RESAMPLE * n_boot:
+                raise NoComparablePairsError(
+                    f"{n_redrawn} resamples had no comparable pair while drawing {n_boot}: {err}"
+                ) from err
+    return np.array(values, dtype=np.float64), n_redrawn
+
+
+def bootstrap_metric(
+    fn: Callable[..., float],
+    data: Mapping[str, object],
+    *,
+    train: Mapping[str, object] | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    rng: np.random.Generator | int | None = None,
+) -> BootstrapResult:
+    """Percentile bootstrap of any metric, resampling patients with everything they carry.
+
+    Each resample draws ``n`` rows of ``data`` with replacement (every array in it with the
+    same indices) and, when ``train`` is given, independently ``n_train`` rows of ``train``;
+    the metric is recomputed from scratch as ``fn(**data_rows, **train_rows)``. For the IPCW
+    metrics the censoring distribution is refitted on the resampled training data and each
+    drawn test patient carries its own weight, so no weight is ever left at the original
+    indexing (torchsurv's bootstrap of its IPCW metrics keeps the weights fixed). A resample on
+    which ``fn`` raises :class:`NoComparablePairsError` is redrawn and counted.
+
+    Parameters
+    ----------
+    fn : callable
+        Metric called with keyword arguments, returning a float (e.g. ``functools.partial(uno_c,
+        tau=365)``).
+    data : mapping of str to array_like, each shape (n_samples, ...)
+        The evaluation patients (e.g. ``{"time": t, "event": e, "risk": r}``).
+    train : mapping of str to array_like, each shape (n_train, ...), optional
+        Data resampled on their own (e.g. ``{"train_time": tt, "train_event": te}``).
+    n_boot : int
+        Number of resamples kept, at least 1.
+    alpha : float
+        The interval covers ``1 - alpha``.
+    rng : numpy.random.Generator, int or None
+        Source of randomness (an int is a seed).
+
+    Returns
+    -------
+    BootstrapResult
+        ``estimate`` is ``fn`` on the full data; ``lower``/``upper`` percentile limits.
+
+    Examples
+    --------
+    >>> gen = np.random.default_rng(0)
+    >>> t = gen.exponential(size=100)
+    >>> res = bootstrap_metric(harrell_c, {"time": t, "event": np.ones(100), "risk": -t},
+    ...                        n_boot=50, rng=1)
+    >>> res.estimate, res.lower, res.n_boot
+    (1.0, 1.0, 50)
+    """
+    columns = _as_columns(data, "data")
+    train_columns = None if train is None else _as_columns(train, "train")
+    n_boot = _check_n_boot(n_boot)
+    alpha = _check_alpha(alpha)
+    generator = _as_generator(rng)
+    estimate = float(fn(**columns, **(train_columns or {})))
+    n = next(iter(columns.values())).shape[0]
+    n_train = None if train_columns is None else next(iter(train_columns.values())).shape[0]
+
+    def evaluate(index: np.ndarray, train_index: np.ndarray | None) -> np.ndarray:
+        rows = {key: value[index] for key, value in columns.items()}
+        if train_columns is not None:
+            rows.update({key: value[train_index] for key, value in train_columns.items()})
+        return np.array([fn(**rows)])
+
+    values, n_redrawn = _draw_values(evaluate, n, n_train, n_boot, generator)
+    samples = values[:, 0]
+    lower, upper = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return BootstrapResult(
+        estimate=estimate,
+        lower=float(lower),
+        upper=float(upper),
+        n_boot=n_boot,
+        n_redrawn=n_redrawn,
+        samples=samples,
+    )
+
+
+def paired_bootstrap_metric(
+    fn: Callable[..., float],
+    data: Mapping[str, object],
+    *,
+    a: Mapping[str, object],
+    b: Mapping[str, object],
+    train: Mapping[str, object] | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    rng: np.random.Generator | int | None = None,
+) -> PairedTestResult:
+    """Paired bootstrap of ``fn`` for two models scored on the same patients.
+
+    On each resample the same rows of ``data``, ``a`` and ``b`` (and the same resampled
+    ``train``) give ``fn(**data, **a) - fn(**data, **b)``. The two-sided p-value is that of
+    :func:`paired_bootstrap_test`: ``min(1, 2 * min(1 + #{d <= 0}, 1 + #{d >= 0}) / (n_boot +
+    1))``.
+
+    Parameters
+    ----------
+    fn, data, train, n_boot, rng
+        As in :func:`bootstrap_metric`.
+    a, b : mapping of str to array_like, each shape (n_samples, ...)
+        The model-specific arguments (e.g. ``{"risk": risk_a}`` and ``{"risk": risk_b}``).
+    alpha : float
+        ``lower``/``upper`` cover ``1 - alpha`` of the resampled differences.
+
+    Returns
+    -------
+    PairedTestResult
+        ``c_a``/``c_b`` hold the metric of ``a``/``b`` on the full data.
+
+    Examples
+    --------
+    >>> gen = np.random.default_rng(0)
+    >>> t = gen.exponential(size=200)
+    >>> res = paired_bootstrap_metric(harrell_c, {"time": t, "event": np.ones(200)},
+    ...                               a={"risk": -t}, b={"risk": gen.normal(size=200)},
+    ...                               n_boot=100, rng=1)
+    >>> res.difference > 0.4, res.p_value < 0.05
+    (True, True)
+    """
+    columns = _as_columns(data, "data")
+    a_columns = _as_columns(a, "a")
+    b_columns = _as_columns(b, "b")
+    n = next(iter(columns.values())).shape[0]
+    for name, group in (("a", a_columns), ("b", b_columns)):
+        length = next(iter(group.values())).shape[0]
+        if length != n:
+            raise ValueError(
+                f"Dimension mismatch: '{name}' has {length} samples but 'data' has {n}"
+            )
+    train_columns = None if train is None else _as_columns(train, "train")
+    n_boot = _check_n_boot(n_boot)
+    alpha = _check_alpha(alpha)
+    generator = _as_generator(rng)
+    extra = train_columns or {}
+    value_a = float(fn(**columns, **a_columns, **extra))
+    value_b = float(fn(**columns, **b_columns, **extra))
+    n_train = None if train_columns is None else next(iter(train_columns.values())).shape[0]
+
+    def evaluate(index: np.ndarray, train_index: np.ndarray | None) -> np.ndarray:
+        rows = {key: value[index] for key, value in columns.items()}
+        if train_columns is not None:
+            rows.update({key: value[train_index] for key, value in train_columns.items()})
+        first = fn(**rows, **{key: value[index] for key, value in a_columns.items()})
+        second = fn(**rows, **{key: value[index] for key, value in b_columns.items()})
+        return np.array([first - second])
+
+    values, n_redrawn = _draw_values(evaluate, n, n_train, n_boot, generator)
+    differences = values[:, 0]
+    lower, upper = np.quantile(differences, [alpha / 2, 1 - alpha / 2])
+    at_or_below = 1 + int(np.sum(differences <= 0))
+    at_or_above = 1 + int(np.sum(differences >= 0))
+    return PairedTestResult(
+        c_a=value_a,
+        c_b=value_b,
+        difference=value_a - value_b,
+        lower=float(lower),
+        upper=float(upper),
+        p_value=min(1.0, 2 * min(at_or_below, at_or_above) / (n_boot + 1)),
+        n_boot=n_boot,
+        n_redrawn=n_redrawn,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration and multiple comparisons
+
+
+def _kaplan_meier_at(time: np.ndarray, event: np.ndarray, t: float) -> float:
+    """Kaplan-Meier event-free probability at ``t`` (right-continuous)."""
+    times, inverse = np.unique(time, return_inverse=True)
+    deaths = np.bincount(inverse, weights=event.astype(np.float64), minlength=times.size)
+    total = np.bincount(inverse, minlength=times.size)
+    at_risk = time.shape[0] - np.concatenate([[0], np.cumsum(total)[:-1]])
+    keep = times <= t
+    return float(np.prod(1.0 - deaths[keep] / at_risk[keep]))
+
+
+def _cox_slope(time: np.ndarray, event: np.ndarray, x: np.ndarray) -> tuple[float, float]:
+    """Coefficient and standard error of a one-covariate Cox model (Breslow ties).
+
+    Newton-Raphson with step halving on the partial log-likelihood. Returns ``(nan, nan)`` when
+    the covariate does not vary within any risk set at an event (the slope is undefined).
+    """
+    order = np.argsort(-time, kind="stable")
+    time, event, x = time[order], event[order], x[order]
+    x = x - x.mean()
+    # the last index of each block of tied times, in descending time order
+    last = np.r_[np.flatnonzero(np.diff(time) != 0), time.size - 1]
+    first = np.r_[0, last[:-1] + 1]
+    deaths = np.add.reduceat(event.astype(np.float64), first)
+    x_deaths = np.add.reduceat(np.where(event, x, 0.0), first)
+
+    def evaluate(beta: float) -> tuple[float, float, float]:
+        eta = beta * x
+        shift = eta.max()
+        w = np.exp(eta - shift)
+        s0 = np.cumsum(w)[last]
+        mean = np.cumsum(w * x)[last] / s0
+        second = np.cumsum(w * x * x)[last] / s0
+        loglik = float(np.sum(beta * x_deaths - deaths * (np.log(s0) + shift)))
+        gradient = float(np.sum(x_deaths - deaths * mean))
+        information = float(np.sum(deaths * np.maximum(second - mean**2, 0.0)))
+        return loglik, gradient, information
+
+    beta = 0.0
+    loglik, gradient, information = evaluate(beta)
+    if information <= 1e-12 * max(1.0, float(np.sum(deaths))):
+        return float("nan"), float("nan")
+    for _ in range(100):
+        step = gradient / information
+        for _ in range(60):
+            trial = evaluate(beta + step)
+            if trial[0] >= loglik - 1e-12 * abs(loglik):
+                break
+            step /= 2
+        beta += step
+        loglik, gradient, information = trial
+        if abs(step) < 1e-10 * max(1.0, abs(beta)):
+            break
+    if information <= 0:
+        return float("nan"), float("nan")
+    return float(beta), float(1.0 / np.sqrt(information))
+
+
+def calibration(
+    time: object,
+    event: object,
+    survival: object,
+    *,
+    horizon: float,
+    n_groups: int = 10,
+) -> CalibrationResult:
+    """Calibration at ``horizon``: predicted vs Kaplan-Meier observed event probability.
+
+    Subjects are split into ``n_groups`` groups of (nearly) equal size by predicted event
+    probability ``1 - survival`` (deciles by default). The slope is the Cox calibration slope:
+    the coefficient of ``log(-log(survival))`` (clipped to [1e-12, 1 - 1e-12] first) in a Cox
+    model of the follow-up truncated at ``horizon`` (events after it censored there). For a
+    proportional-hazards model this covariate is the linear predictor up to a constant, so 1
+    means calibrated spread.
+
+    Parameters
+    ----------
+    time, event : array_like, shape (n_samples,)
+        As in :func:`harrell_c`.
+    survival : array_like, shape (n_samples,)
+        Predicted event-free probability at ``horizon``, in [0, 1]; **higher means a later
+        event**.
+    horizon : float
+        Positive time of the predictions.
+    n_groups : int
+        Number of risk groups, between 2 and ``n_samples``.
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    NoComparablePairsError
+        If no event happens by the horizon.
+
+    Examples
+    --------
+    >>> gen = np.random.default_rng(0)
+    >>> lp = gen.normal(size=2000)
+    >>> t = gen.exponential(1 / (0.1 * np.exp(lp)))
+    >>> result = calibration(time=t, event=np.ones(2000), survival=np.exp(-0.1 * np.exp(lp)),
+    ...                      horizon=1.0)
+    >>> bool(abs(result.slope - 1) < 3 * result.slope_se), result.predicted.shape
+    (True, (10,))
+    """
+    time_arr, event_arr, (surv_arr,) = _check_survival_inputs(time, event, survival=survival)
+    _check_probabilities(surv_arr, "survival")
+    horizon_value = _check_time_point(horizon, "horizon")
+    if isinstance(n_groups, bool) or not isinstance(n_groups, Integral):
+        raise ValueError(f"'n_groups' must be an integer, got {n_groups!r}")
+    if not 2 <= n_groups <= time_arr.shape[0]:
+        raise ValueError(
+            f"'n_groups' must be between 2 and the number of samples ({time_arr.shape[0]}), "
+            f"got {n_groups}"
+        )
+    events_by_horizon = event_arr & (time_arr <= horizon_value)
+    if not events_by_horizon.any():
+        raise NoComparablePairsError(
+            f"calibration at horizon={horizon_value:g}: no event happens by the horizon"
+        )
+    predicted_risk = 1.0 - surv_arr
+    groups = np.array_split(np.argsort(predicted_risk, kind="stable"), int(n_groups))
+    predicted = np.array([predicted_risk[g].mean() for g in groups])
+    observed = np.array(
+        [1.0 - _kaplan_meier_at(time_arr[g], event_arr[g], horizon_value) for g in groups]
+    )
+    sizes = np.array([g.size for g in groups], dtype=np.int64)
+    events = np.array([int(events_by_horizon[g].sum()) for g in groups], dtype=np.int64)
+    clipped = np.clip(surv_arr, 1e-12, 1 - 1e-12)
+    covariate = np.log(-np.log(clipped))
+    slope, slope_se = _cox_slope(np.minimum(time_arr, horizon_value), events_by_horizon, covariate)
+    return CalibrationResult(
+        horizon=horizon_value,
+        predicted=predicted,
+        observed=observed,
+        n=sizes,
+        events=events,
+        slope=slope,
+        slope_se=slope_se,
+    )
+
+
+def holm(pvalues: object) -> np.ndarray:
+    """Holm's step-down adjustment of p-values for a family of tests.
+
+    With the ``m`` non-missing p-values sorted as ``p_(1) <= ... <= p_(m)``, the adjusted
+    value of ``p_(k)`` is ``max_{j <= k} min(1, (m - j + 1) p_(j))``. It controls the
+    family-wise error rate under any dependence between the tests. NaN entries (tests not
+    done) stay NaN and do not count in ``m``.
+
+    Parameters
+    ----------
+    pvalues : array_like, shape (m,)
+        p-values in [0, 1] (NaN allowed).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (m,): adjusted p-values in the input order.
+
+    Examples
+    --------
+    >>> np.round(holm([0.01, 0.04, 0.03, 0.005]), 12).tolist()
+    [0.03, 0.06, 0.06, 0.02]
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"'pvalues' must be 1-D, got shape {p.shape}")
+    present = ~np.isnan(p)
+    if ((p[present] < 0) | (p[present] > 1)).any():
+        raise ValueError(f"'pvalues' must lie in [0, 1], got {p[present].min()}..{p[present].max()}")
+    adjusted = np.full(p.shape, np.nan)
+    values = p[present]
+    m = values.size
+    if m == 0:
+        return adjusted
+    order = np.argsort(values, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
+    result = np.empty(m)
+    result[order] = np.maximum.accumulate(scaled)
+    adjusted[present] = result
+    return adjusted

@@ -53,7 +53,9 @@ BOOK = PROJECT_ROOT / "book"
 
 # The grid of this version of the study.
 GRID_EHR_REPRS: tuple[str, ...] = ("onehot",)
-GRID_FUSIONS: tuple[str, ...] = ("image_only", "ehr_only", "concat")
+GRID_FUSIONS: tuple[str, ...] = (
+    "image_only", "ehr_only", "concat", "contrastive", "cross_attention", "coattn_image_guided", "coattn_ehr_guided",
+)
 GRID_SEEDS: tuple[int, ...] = (0,)
 IMAGE_ENCODER = IMAGE_ENCODERS[0]
 _ONLY_KEYS = ("task", "ehr_repr", "fusion", "seed")
@@ -134,9 +136,15 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
         if "task" in only and task not in only["task"]:
             continue
         cohort = root / "cohorts" / f"{task}.parquet"
+        cohort_deps = []
+        if manifest.data.source == "synthetic":
+            nodes.append(Node(f"{task}/00_twin", "00_twin.ipynb", {"task": task, "manifest": mpath},
+                              f"The digital twin: {TASKS[task].title}", labels={"task": task},
+                              outputs=[manifest.twin_dir / task / "twin.json"]))
+            cohort_deps.append(f"{task}/00_twin")
         nodes.append(Node(f"{task}/01_cohort", "01_cohort.ipynb", {"task": task, "manifest": mpath},
-                          f"Cohort: {TASKS[task].title}", labels={"task": task}, outputs=[cohort],
-                          watch=_source_watch(manifest, task)))
+                          f"Cohort: {TASKS[task].title}", deps=cohort_deps, labels={"task": task},
+                          outputs=[cohort], watch=_source_watch(manifest, task)))
         emb = {}
         for modality, encoder in [("image", IMAGE_ENCODER)] + [("ehr", e) for e in EHR_ENCODERS if e in GRID_EHR_REPRS]:
             key = f"{task}/02_embeddings/{modality}-{encoder}"
@@ -172,6 +180,11 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
                               {"task": task, "runs_dir": str(root / "runs"), "n_boot": 1000, "manifest": mpath},
                               f"Comparison: {TASKS[task].title}", deps=trains, labels={"task": task},
                               outputs=[root / "comparisons" / task / "table1.csv"]))
+    compares = [n.key for n in nodes if n.notebook == "04_compare.ipynb"]
+    if compares:
+        nodes.append(Node("results/05_results", "05_results.ipynb",
+                          {"runs_dir": str(root / "runs"), "manifest": mpath}, "Results: Table 1",
+                          deps=compares, labels={}, outputs=[root / "comparisons" / "table1.csv"]))
     return nodes
 
 
@@ -304,7 +317,8 @@ def _sync_book(nodes: list[Node], state_dir: Path, manifest: Manifest, book: Pat
 def _toc(nodes: list[Node]) -> dict:
     """The book's table of contents for the notebooks that ran: written at each build, so a
     book of part of the grid (``--only``) has no dangling entries."""
-    parts = [{"caption": "The study", "chapters": [{"file": "generated/about"}]}]
+    parts = [{"caption": "The study", "chapters": [{"file": "generated/about"}]
+              + [{"file": f"generated/{n.key}"} for n in nodes if "task" not in n.labels]}]
     for task, spec in TASKS.items():
         chapters = [{"file": f"generated/{n.key}"} for n in nodes if n.labels.get("task") == task]
         if chapters:

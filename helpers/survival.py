@@ -1,6 +1,9 @@
-"""Survival objective pieces: Cox loss, event-stratified batches, MLP head, Breslow baseline.
+"""Survival objective pieces: Cox and Weibull losses, event-stratified batches, MLP head,
+Breslow baseline.
 
-Risk convention: the model outputs a log-hazard (``log_hz``); higher means an earlier event.
+Risk convention: a Cox model outputs a log-hazard (``log_hz``); higher means an earlier event.
+A Weibull model outputs two log-parameters per study (log scale, log shape, in days); its risk
+is the negative log median time (``weibull_risk``), again higher = earlier event.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 from torchsurv.loss.cox import neg_partial_log_likelihood
+from torchsurv.loss.weibull import neg_log_likelihood_weibull, survival_function_weibull
 
 __all__ = [
     "NoEventsError",
+    "LOSSES",
     "cox_loss",
+    "weibull_loss",
+    "weibull_risk",
+    "weibull_survival",
     "event_stratified_batches",
     "hidden_widths",
     "MLPHead",
@@ -45,6 +53,54 @@ def cox_loss(log_hz: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> t
         warnings.filterwarnings("ignore", message="Ties in `time` detected", category=UserWarning)
         total = neg_partial_log_likelihood(log_hz, event.bool(), time, ties_method="efron", reduction="sum")
     return total / event.sum()
+
+
+LOSSES: tuple[str, ...] = ("cox", "weibull")
+
+
+def _check_weibull(log_params: torch.Tensor, event: torch.Tensor | None = None, time: torch.Tensor | None = None) -> None:
+    if log_params.ndim != 2 or log_params.shape[1] != 2:
+        raise ValueError(f"'log_params' must have shape (n, 2) (log scale, log shape), got {tuple(log_params.shape)}")
+    if event is not None and (event.shape != (len(log_params),) or time.shape != event.shape):
+        raise ValueError(
+            f"Dimension mismatch: 'log_params' {tuple(log_params.shape)}, 'event' {tuple(event.shape)}, 'time' {tuple(time.shape)}"
+        )
+
+
+def weibull_loss(log_params: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """Weibull negative log-likelihood (torchsurv's accelerated-failure-time parametrisation,
+    ``H(t) = (t / scale) ** shape``), summed over the batch and divided by the number of events
+    (at least 1), so that the L2 weight has the same meaning as with ``cox_loss``.
+
+    ``log_params`` (n, 2): log scale (days) and log shape; ``event`` (bool) and ``time``
+    (days) have shape (n,). Unlike the Cox partial likelihood, the Weibull likelihood is
+    defined on a batch without events (only censoring terms).
+
+    Exponential example (shape 1): an event at 100 d gives ``5 + 100 / e**5``, a censoring at
+    200 d gives ``200 / e**6``, 6.1695 in all over one event.
+
+    >>> lp = torch.tensor([[5.0, 0.0], [6.0, 0.0]])
+    >>> round(float(weibull_loss(lp, torch.tensor([True, False]), torch.tensor([100.0, 200.0]))), 4)
+    6.1695
+    """
+    _check_weibull(log_params, event, time)
+    total = neg_log_likelihood_weibull(log_params, event.bool(), time, reduction="sum")
+    return total / event.sum().clamp_min(1)
+
+
+def weibull_risk(log_params: torch.Tensor) -> torch.Tensor:
+    """Risk of a Weibull model, (n,): minus the log of the median time to event,
+    ``-(log scale + log(log 2) / shape)``; higher = earlier event."""
+    _check_weibull(log_params)
+    log_scale, log_shape = log_params.unbind(1)
+    return -(log_scale + np.log(np.log(2.0)) * torch.exp(-log_shape))
+
+
+def weibull_survival(log_params: torch.Tensor, t: float) -> torch.Tensor:
+    """S(t | x) = exp(-(t / scale) ** shape) for each study, (n,) in [0, 1] (torchsurv's
+    ``survival_function_weibull``); ``t`` in days."""
+    _check_weibull(log_params)
+    return survival_function_weibull(log_params, torch.tensor([float(t)], dtype=log_params.dtype))[:, 0]
 
 
 def event_stratified_batches(event: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -82,20 +138,23 @@ def hidden_widths(d_in: int, ratios: tuple[float, ...] = (0.5, 0.25), *, minimum
 
 
 class MLPHead(nn.Module):
-    """MLP survival head: (n, d_in) -> log-hazard (n,). ``widths=[]`` gives a linear Cox model."""
+    """MLP survival head: (n, d_in) -> log-hazard (n,), or (n, n_out) when ``n_out > 1`` (the
+    two Weibull log-parameters). ``widths=[]`` gives a linear model."""
 
-    def __init__(self, d_in: int, widths: list[int], dropout: float = 0.1) -> None:
+    def __init__(self, d_in: int, widths: list[int], dropout: float = 0.1, n_out: int = 1) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         previous = d_in
         for width in widths:
             layers += [nn.Linear(previous, width), nn.GELU(), nn.Dropout(dropout)]
             previous = width
-        layers.append(nn.Linear(previous, 1))
+        layers.append(nn.Linear(previous, n_out))
+        self.n_out = n_out
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        out = self.net(x)
+        return out.squeeze(-1) if self.n_out == 1 else out
 
 
 class BreslowBaseline:

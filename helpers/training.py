@@ -1,9 +1,12 @@
 """The survival training loop and the files a training run writes.
 
-``fit`` trains a ``SurvivalModel`` with the Cox partial likelihood plus an explicit L2
-penalty on the trainable weights (the paper's objective ``-sum log p + lambda ||theta||^2``),
-on event-stratified mini-batches, with early stopping on the validation loss. It is
-deterministic on the CPU for a given seed.
+``fit`` trains a ``SurvivalModel`` with the Cox partial likelihood (Efron) or the Weibull
+negative log-likelihood plus an explicit L2 penalty on the trainable weights (the paper's
+objective ``-sum log p + lambda ||theta||^2``), on event-stratified mini-batches, with early
+stopping on the validation loss. For ``contrastive`` it first aligns the projection heads with
+the symmetric InfoNCE (step 1), then trains the head with the projections frozen (default) or
+fine-tuned (step 2). The embeddings are inputs: gradients reach only the fusion modules and the
+head. It is deterministic on the CPU for a given seed.
 """
 
 from __future__ import annotations
@@ -17,40 +20,106 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.fusion import SurvivalModel, build_model
+from helpers.fusion import SurvivalModel, build_model, info_nce, retrieval_accuracy
 from helpers.metrics import harrell_c
-from helpers.survival import BreslowBaseline, cox_loss, event_stratified_batches
+from helpers.survival import (
+    BreslowBaseline,
+    cox_loss,
+    event_stratified_batches,
+    weibull_loss,
+    weibull_survival,
+)
 
-__all__ = ["TrainConfig", "FitResult", "Arrays", "fit", "predict", "write_run", "run_dir"]
+__all__ = [
+    "TrainConfig",
+    "FitResult",
+    "Arrays",
+    "fit",
+    "predict",
+    "predict_output",
+    "alignment_report",
+    "missing_counts",
+    "split_arrays",
+    "write_run",
+    "run_dir",
+]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters. ``l2`` is lambda in the objective; ``patience`` counts epochs
-    without a better validation loss before stopping."""
+    without a better validation loss before stopping; ``loss`` is ``"cox"`` or ``"weibull"``.
+
+    Fusion options (see ``helpers.fusion``): ``d_model`` (token width = d_k with one head),
+    ``heads``, ``ehr_tokens`` (``"feature"``/``"chunk"``) and ``ehr_chunks``, ``image_tokens``
+    (``"slices"``/``"chunk"``) and ``image_chunks``, ``modality_dropout`` (probability that a
+    bimodal training study loses its image, and the same for its EHR).
+
+    Contrastive: ``proj_dim``, ``temperature`` (initial tau), ``learn_temperature`` (CLIP-style
+    learnable log 1/tau, tau >= 0.01), ``align_epochs`` (step-1 epoch limit, early-stopped on
+    the validation InfoNCE with ``patience``), ``finetune_projection`` (step 2 also trains the
+    projections; default frozen).
+    """
 
     lr: float = 1e-3
     l2: float = 1e-4
     batch_size: int = 256
-    max_epochs: int = 200
-    patience: int = 15
+    max_epochs: int = 100
+    patience: int = 10
     dropout: float = 0.1
     linear: bool = False
+    loss: str = "cox"
+    d_model: int = 64
+    heads: int = 1
+    ehr_tokens: str = "feature"
+    ehr_chunks: int = 8
+    image_tokens: str = "slices"
+    image_chunks: int = 16
+    modality_dropout: float = 0.1
+    proj_dim: int = 128
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    align_epochs: int = 100
+    finetune_projection: bool = False
+
+    def model_options(self) -> dict:
+        """The ``build_model`` keyword arguments this configuration sets."""
+        keys = ("dropout", "linear", "loss", "d_model", "heads", "ehr_tokens", "ehr_chunks", "image_tokens",
+                "image_chunks", "proj_dim", "temperature", "learn_temperature", "modality_dropout")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
 class Arrays:
-    """One split's inputs: ``img`` (n, d_img) / ``ehr`` (n, d_ehr) float32 or None, ``time``
-    (n,) days, ``event`` (n,) 0/1."""
+    """One split's inputs: ``img`` (n, d_img) / ``ehr`` (n, d_ehr) float32 pooled embeddings or
+    None, ``time`` (n,) days, ``event`` (n,) 0/1; optional ``img_tokens`` (n, T, d_token)
+    float32 per-slice tokens with ``img_token_mask`` (n, T) bool (True = real token, for
+    studies with fewer slices), and ``img_missing`` / ``ehr_missing`` (n,) bool for studies
+    without a CT or without EHR history (their rows of ``img`` / ``ehr`` are ignored)."""
 
     img: np.ndarray | None
     ehr: np.ndarray | None
     time: np.ndarray
     event: np.ndarray
+    img_tokens: np.ndarray | None = None
+    img_token_mask: np.ndarray | None = None
+    img_missing: np.ndarray | None = None
+    ehr_missing: np.ndarray | None = None
 
-    def tensors(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        as_t = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-        return as_t(self.img), as_t(self.ehr), torch.as_tensor(self.time, dtype=torch.float64), torch.as_tensor(self.event).bool()
+    def __len__(self) -> int:
+        return len(self.time)
+
+    def inputs(self) -> dict[str, torch.Tensor | None]:
+        """The model's inputs as tensors (shared memory where possible)."""
+        as_f = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+        as_b = lambda a: None if a is None else torch.as_tensor(np.asarray(a, dtype=bool))  # noqa: E731
+        return {"img": as_f(self.img), "ehr": as_f(self.ehr), "img_tokens": as_f(self.img_tokens),
+                "img_token_mask": as_b(self.img_token_mask), "img_missing": as_b(self.img_missing),
+                "ehr_missing": as_b(self.ehr_missing)}
+
+    def outcome(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``time`` float64 (n,) and ``event`` bool (n,)."""
+        return torch.as_tensor(self.time, dtype=torch.float64), torch.as_tensor(np.asarray(self.event)).bool()
 
 
 @dataclass
@@ -60,14 +129,88 @@ class FitResult:
     best_epoch: int
     seconds: float
     config: TrainConfig = field(default_factory=TrainConfig)
+    alignment: pd.DataFrame | None = None
 
 
-def _l2(model: torch.nn.Module) -> torch.Tensor:
-    return sum((p**2).sum() for name, p in model.named_parameters() if p.requires_grad and name.endswith("weight"))
+def _l2(params) -> torch.Tensor:
+    return sum((p**2).sum() for name, p in params if p.requires_grad and name.endswith("weight"))
 
 
-def _subset(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-    return None if t is None else t[idx]
+def _rows(inputs: dict, idx: torch.Tensor) -> dict:
+    return {k: None if v is None else v[idx] for k, v in inputs.items()}
+
+
+def _call(model: SurvivalModel, inputs: dict) -> torch.Tensor:
+    return model(inputs["img"], inputs["ehr"], **{k: v for k, v in inputs.items() if k not in ("img", "ehr")})
+
+
+def _loss(model: SurvivalModel, output: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    return weibull_loss(output, event, time) if model.loss == "weibull" else cox_loss(output, event, time)
+
+
+def _present(inputs: dict, n: int) -> torch.Tensor:
+    both = torch.ones(n, dtype=torch.bool)
+    for key in ("img_missing", "ehr_missing"):
+        if inputs[key] is not None:
+            both &= ~inputs[key]
+    return both
+
+
+def _check(name: str, data: Arrays, model: SurvivalModel) -> None:
+    if model.uses_image and data.img is None:
+        raise ValueError(f"fusion {model.fusion!r} needs image embeddings; the {name} split has none")
+    if model.uses_ehr and data.ehr is None:
+        raise ValueError(f"fusion {model.fusion!r} needs EHR embeddings; the {name} split has none")
+    if model.needs_image_tokens and data.img_tokens is None:
+        raise ValueError(
+            f"fusion {model.fusion!r} with image_tokens='slices' needs per-slice image tokens; the {name} split has none "
+            "(read the embedding table with tokens=True, or use image_tokens='chunk')"
+        )
+
+
+def _align(model: SurvivalModel, train: dict, val: dict, n_train: int, n_val: int, config: TrainConfig,
+           rng: np.random.Generator) -> pd.DataFrame:
+    """Step 1 of ``contrastive``: fit the projection heads (and tau) with the symmetric
+    InfoNCE on random batches of training studies with both modalities; keep the epoch with
+    the lowest validation InfoNCE. The model stays in eval mode (no modality dropout)."""
+    params = model.projection_parameters()
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(("proj_img", "proj_ehr"))]
+    optimiser = torch.optim.Adam(params, lr=config.lr)
+    keep = torch.nonzero(_present(train, n_train)).squeeze(1).numpy()
+    v_keep = torch.nonzero(_present(val, n_val)).squeeze(1)
+    if len(keep) < 2 or len(v_keep) < 2:
+        raise ValueError(f"contrastive alignment needs >= 2 studies with both modalities in train and val, got {len(keep)} and {len(v_keep)}")
+    val_rows = _rows(val, v_keep)
+    model.eval()
+    state = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
+    best, rows = (np.inf, 0, state()), []
+    for epoch in range(1, config.align_epochs + 1):
+        order = rng.permutation(keep)
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start:start + config.batch_size]
+            if len(batch) < 2:
+                continue
+            b = _rows(train, torch.as_tensor(batch.astype(np.int64)))
+            u_img, u_ehr = model.project(b["img"], b["ehr"])
+            loss = info_nce(u_img, u_ehr, model.temperature) + config.l2 * _l2(named)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            v_img, v_ehr = model.project(val_rows["img"], val_rows["ehr"])
+            v_loss = float(info_nce(v_img, v_ehr, model.temperature))
+            v_acc = retrieval_accuracy(v_img, v_ehr)
+        rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v_loss,
+                     "val_top1": v_acc, "temperature": float(model.temperature.detach())})
+        if v_loss < best[0] - 1e-6:
+            best = (v_loss, epoch, state())
+        elif epoch - best[1] >= config.patience:
+            break
+    model.load_state_dict(best[2])
+    optimiser.zero_grad(set_to_none=True)
+    return pd.DataFrame(rows)
 
 
 def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: int) -> FitResult:
@@ -76,30 +219,46 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
     rng = np.random.default_rng(seed)
     d_img = train.img.shape[1] if train.img is not None else 0
     d_ehr = train.ehr.shape[1] if train.ehr is not None else 0
-    model = build_model(fusion, d_img, d_ehr, dropout=config.dropout, linear=config.linear)
-    t_img, t_ehr, t_time, t_event = train.tensors()
-    v_img, v_ehr, v_time, v_event = val.tensors()
-    model.fit_standardisation(t_img, t_ehr)
+    d_token = train.img_tokens.shape[2] if train.img_tokens is not None else None
+    model = build_model(fusion, d_img, d_ehr, d_token=d_token, **config.model_options())
+    for name, data in (("train", train), ("val", val)):
+        _check(name, data, model)
+    t_in, v_in = train.inputs(), val.inputs()
+    t_time, t_event = train.outcome()
+    v_time, v_event = val.outcome()
+    present_img = ~t_in["img_missing"] if t_in["img_missing"] is not None else slice(None)
+    present_ehr = ~t_in["ehr_missing"] if t_in["ehr_missing"] is not None else slice(None)
+    model.fit_standardisation(
+        t_in["img"][present_img] if t_in["img"] is not None else None,
+        t_in["ehr"][present_ehr] if t_in["ehr"] is not None else None,
+        t_in["img_tokens"][present_img] if model.needs_image_tokens else None,
+        t_in["img_token_mask"][present_img] if model.needs_image_tokens and t_in["img_token_mask"] is not None else None,
+    )
+    model.fit_time_scale(t_time, t_event)
+    start = _time.perf_counter()
+    alignment = None
+    if fusion == "contrastive":
+        alignment = _align(model, t_in, v_in, len(train), len(val), config, rng)
+        if not config.finetune_projection:
+            for p in model.projection_parameters():
+                p.requires_grad_(False)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     best = (np.inf, 0, {k: v.clone() for k, v in model.state_dict().items()})
     rows = []
-    start = _time.perf_counter()
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         losses = []
         for batch in event_stratified_batches(train.event, config.batch_size, rng):
             idx = torch.as_tensor(batch.astype(np.int64))
-            log_hz = model(_subset(t_img, idx), _subset(t_ehr, idx))
-            loss = cox_loss(log_hz, t_event[idx], t_time[idx]) + config.l2 * _l2(model)
+            output = _call(model, _rows(t_in, idx))
+            loss = _loss(model, output, t_event[idx], t_time[idx]) + config.l2 * _l2(model.named_parameters())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        model.eval()
-        with torch.no_grad():
-            v_log_hz = model(v_img, v_ehr)
-            v_loss = float(cox_loss(v_log_hz, v_event, v_time))
-        v_c = harrell_c(time=val.time, event=val.event, risk=v_log_hz.numpy())
+        v_out = predict_output(model, val, inputs=v_in)
+        v_loss = float(_loss(model, v_out, v_event, v_time))
+        v_c = harrell_c(time=val.time, event=val.event, risk=model.risk(v_out).double().numpy())
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v_loss, "val_c_index": v_c})
         if v_loss < best[0] - 1e-6:
             best = (v_loss, epoch, {k: v.clone() for k, v in model.state_dict().items()})
@@ -107,15 +266,95 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
             break
     model.load_state_dict(best[2])
     model.eval()
-    return FitResult(model, pd.DataFrame(rows), best[1], _time.perf_counter() - start, config)
+    return FitResult(model, pd.DataFrame(rows), best[1], _time.perf_counter() - start, config, alignment)
+
+
+def predict_output(model: SurvivalModel, data: Arrays, *, inputs: dict | None = None, chunk: int = 1024) -> torch.Tensor:
+    """The model's raw output in eval mode, without gradients: log-hazard (n,) for Cox, log
+    scale and log shape (n, 2) for Weibull. Scored ``chunk`` studies at a time."""
+    inputs = data.inputs() if inputs is None else inputs
+    model.eval()
+    n = len(data)
+    with torch.no_grad():
+        parts = [_call(model, _rows(inputs, torch.arange(a, min(n, a + chunk)))) for a in range(0, n, chunk)]
+    return torch.cat(parts)
 
 
 def predict(model: SurvivalModel, data: Arrays) -> np.ndarray:
-    """Log-hazard for each sample, float64 (n,); higher = earlier event."""
-    img, ehr, _, _ = data.tensors()
+    """Risk for each sample, float64 (n,); higher = earlier event (the log-hazard for Cox,
+    minus the log median time for Weibull)."""
+    return model.risk(predict_output(model, data)).double().numpy()
+
+
+def alignment_report(model: SurvivalModel, data: Arrays) -> dict:
+    """Contrastive only: top-1 image-to-EHR retrieval accuracy among the studies of ``data``
+    that have both modalities (``n``, ``top1``, and ``chance`` = 1 / n)."""
+    inputs = data.inputs()
+    keep = _present(inputs, len(data))
     model.eval()
     with torch.no_grad():
-        return model(img, ehr).double().numpy()
+        u_img, u_ehr = model.project(inputs["img"][keep], inputs["ehr"][keep])
+    n = int(keep.sum())
+    return {"n": n, "top1": retrieval_accuracy(u_img, u_ehr), "chance": 1.0 / n}
+
+
+def missing_counts(splits: dict[str, tuple[np.ndarray, Arrays]]) -> dict:
+    """``{split: {"n", "no_image", "no_ehr"}}``: how many studies lacked each modality."""
+    count = lambda m: 0 if m is None else int(np.sum(m))  # noqa: E731
+    return {name: {"n": len(data), "no_image": count(data.img_missing), "no_ehr": count(data.ehr_missing)}
+            for name, (_, data) in splits.items()}
+
+
+def _lookup(table, study_ids: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    position = {sid: i for i, sid in enumerate(table.study_ids)}
+    rows = np.array([position.get(str(s), -1) for s in study_ids], dtype=np.int64)
+    if len(rows) and (rows < 0).all():
+        raise ValueError(f"{source}: none of the {len(rows)} cohort studies has an embedding (wrong file?)")
+    return rows, rows < 0
+
+
+def split_arrays(cohort: pd.DataFrame, img_table=None, ehr_table=None, *, image_tokens: bool = False,
+                 splits: tuple[str, ...] = ("train", "val", "test", "external")) -> dict[str, tuple[np.ndarray, Arrays]]:
+    """``{split: (study_ids, Arrays)}`` from a cohort table and embedding tables
+    (``helpers.embeddings.EmbeddingTable`` or None). A cohort study absent from a table is
+    marked missing for that modality (its values are zeros and the model uses its learned
+    missing token). ``image_tokens`` stacks the per-slice tokens to (n, T, d), padding studies
+    with fewer slices and setting ``img_token_mask``."""
+    ids = cohort["study_id"].astype(str).to_numpy()
+    img_rows, img_missing = _lookup(img_table, ids, "image embeddings") if img_table is not None else (None, None)
+    ehr_rows, ehr_missing = _lookup(ehr_table, ids, "EHR embeddings") if ehr_table is not None else (None, None)
+
+    def take(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        out = matrix[np.maximum(rows, 0)].astype(np.float32, copy=True)
+        out[rows < 0] = 0.0
+        return out
+
+    tokens = mask = None
+    if image_tokens:
+        if img_table is None or img_table.tokens is None:
+            raise ValueError("image embeddings: the table has no 'tokens' column (per-slice tokens)")
+        lengths = np.array([len(img_table.tokens[r]) if r >= 0 else 0 for r in img_rows])
+        t_max, dim = int(lengths.max()), int(img_table.tokens[int(img_rows[img_rows >= 0][0])].shape[1])
+        tokens = np.zeros((len(ids), t_max, dim), dtype=np.float32)
+        for i, r in enumerate(img_rows):
+            if r >= 0:
+                tokens[i, : lengths[i]] = img_table.tokens[r]
+        lengths[img_missing] = t_max
+        mask = None if (lengths == t_max).all() else np.arange(t_max)[None, :] < lengths[:, None]
+    out = {}
+    for name in splits:
+        m = (cohort["split"] == name).to_numpy()
+        if not m.any():
+            continue
+        out[name] = (ids[m], Arrays(
+            img=take(img_table.embedding, img_rows)[m] if img_table is not None else None,
+            ehr=take(ehr_table.embedding, ehr_rows)[m] if ehr_table is not None else None,
+            time=cohort["time"].to_numpy()[m], event=cohort["event"].to_numpy()[m],
+            img_tokens=tokens[m] if tokens is not None else None,
+            img_token_mask=mask[m] if mask is not None else None,
+            img_missing=img_missing[m] if img_missing is not None and img_missing.any() else None,
+            ehr_missing=ehr_missing[m] if ehr_missing is not None and ehr_missing.any() else None))
+    return out
 
 
 def run_dir(run_root: Path, task: str, ehr_repr: str, fusion: str, seed: int) -> Path:
@@ -160,21 +399,24 @@ def make_predictions(
     """Predictions for every split and Harrell's C per split.
 
     ``splits`` maps a split name to ``(study_ids, Arrays)`` and must hold ``train`` (for the
-    Breslow baseline hazard). Returns the predictions table (``study_id``, ``split``,
+    Breslow baseline hazard of a Cox model; a Weibull model gives S(horizon) itself). Returns the predictions table (``study_id``, ``split``,
     ``risk``, ``survival_<horizon>d``) and ``{split: {"n", "events", "c_index"}}``.
     """
     train_ids, train = splits["train"]
-    baseline = BreslowBaseline(predict(model, train), train.time, train.event)
+    baseline = BreslowBaseline(predict(model, train), train.time, train.event) if model.loss == "cox" else None
     frames, scores = [], {}
     for name, (ids, data) in splits.items():
-        risk = predict(model, data)
+        output = predict_output(model, data)
+        risk = model.risk(output).double().numpy()
+        survival = (baseline.survival(risk, horizon_days) if baseline is not None
+                    else weibull_survival(output.double(), horizon_days).numpy())
         frames.append(
             pd.DataFrame(
                 {
                     "study_id": ids,
                     "split": name,
                     "risk": risk,
-                    survival_column(horizon_days): baseline.survival(risk, horizon_days),
+                    survival_column(horizon_days): survival,
                 }
             )
         )

@@ -15,7 +15,9 @@
 How it works. Each patient has correlated latent factors (a Gaussian copula): age, sex,
 coronary calcium, cardiac dysfunction, cancer, renal dysfunction, chronic lung disease,
 frailty, diabetes, hypertension, smoking, pulmonary-artery dilation and, per CT study, clot
-burden and right-ventricular strain. Continuous factors are unitless severities, standard
+burden and right-ventricular strain (``VISIBILITY`` says which modality shows each: clot burden
+and coronary calcium only the CT; cancer, renal and lung disease, frailty, diabetes,
+hypertension, smoking, age and sex only the records). Continuous factors are unitless severities, standard
 normal in the internal population (higher = worse); binary factors are 0/1; age is in years.
 The true log-hazard is ``beta * (sqrt(s) * image_part + sqrt(1 - s) * ehr_part +
 interaction_part)`` where ``s`` is ``image_share``, the image part uses only CT-visible factors,
@@ -26,6 +28,16 @@ calcium matters more with diabetes). Event times follow a Weibull proportional-h
 whose baseline is calibrated per institution (deterministic bisection) to the paper's event
 rates. Outcomes are never labelled: deaths are ``death`` rows, MACE events are post-index
 condition codes, censoring is the end of the observation period.
+
+The CT volumes are phantoms at 64 x 64 pixels of 5.5-6 mm: body, lungs, heart and
+ventricles, aorta, spine and the pulmonary arteries (trunk, main branches, three lobar
+arteries per side), contrast-enhanced for PE. Each factor the CT shows has a visible
+correlate: emboli are filling defects (clot at 25-65 HU in a 320 HU lumen) whose number of
+affected lobar arteries, length and share of the lumen grow with the clot burden, with
+central clots above the median and a saddle embolus across the bifurcation above about +1
+sd; calcified plaques on the heart's surface grow in number and size with coronary calcium;
+the RV, the pulmonary arteries and the heart widen with RV strain, PA dilation and cardiac
+dysfunction. The masks mark exactly the voxels rendered as embolus or calcium.
 
 A few studies (about 0.5 %) carry planted defects a cohort builder must exclude: zero
 follow-up after the index, or a death recorded before the index CT. They are listed in
@@ -63,11 +75,13 @@ __all__ = [
     "PROFILES",
     "INSTITUTIONS",
     "FACTOR_COLUMNS",
+    "VISIBILITY",
     "OMOP_TABLE_NAMES",
+    "factor_effects",
     "generate",
 ]
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
 
 # Numbers of CT studies per task and institution.
 PROFILES: dict[str, dict[str, dict[str, int]]] = {
@@ -103,6 +117,26 @@ FACTOR_COLUMNS: tuple[str, ...] = (
     "clot_burden",
     "rv_strain",
 )
+
+# Where each factor can be seen: "ct" (the CT volume), "ehr" (the OMOP records). A factor
+# missing from a modality leaves no trace there beyond its correlation with visible factors
+# (the copula); tests/test_twin.py probes both modalities for it.
+VISIBILITY: dict[str, tuple[str, ...]] = {
+    "age": ("ehr",),
+    "male": ("ehr",),
+    "coronary_calcium": ("ct",),  # calcified plaques on the heart's surface
+    "cardiac_dysfunction": ("ct", "ehr"),  # heart and LV size; heart-failure codes, NT-proBNP
+    "cancer": ("ehr",),
+    "renal_dysfunction": ("ehr",),
+    "chronic_lung_disease": ("ehr",),
+    "frailty": ("ehr",),
+    "diabetes": ("ehr",),
+    "hypertension": ("ehr",),
+    "smoking": ("ehr",),
+    "pa_dilation": ("ct", "ehr"),  # pulmonary-artery calibre; pulmonary-hypertension codes
+    "clot_burden": ("ct",),  # filling defects in the pulmonary arteries (pe only)
+    "rv_strain": ("ct", "ehr"),  # RV size; troponin, NT-proBNP, pulse, SpO2, I26.09
+}
 
 OMOP_TABLE_NAMES: tuple[str, ...] = (
     "person",
@@ -436,6 +470,56 @@ def _log_hazard(
     }
 
 
+def factor_effects(task: str, image_share: float = 0.5, seed: int = 0) -> list[dict[str, Any]]:
+    """How each factor enters ``task``'s true log-hazard, one dict per factor.
+
+    Keys: ``factor``; ``ct`` / ``ehr`` (bool: the modality shows it, see ``VISIBILITY``);
+    ``image_term`` / ``ehr_term``: mean change of the image / EHR part of the log-hazard
+    (natural-log units, after ``beta`` and the ``image_share`` weights) per unit of the
+    factor (per year for ``age``, from 0 to 1 for binary factors), over the internal
+    reference population; ``interaction``: ``"core"`` (the CT factor of the cross-modal
+    interaction), ``"modifier"`` (the EHR factor) or ``""``. Positive = higher hazard.
+    """
+    if task not in _SPECS:
+        raise ValueError(
+            f"factor_effects: unknown task {task!r}; expected one of {', '.join(_SPECS)}"
+        )
+    if not 0.0 <= float(image_share) <= 1.0:
+        raise ValueError(f"factor_effects: image_share must be in [0, 1], got {image_share}")
+    spec = _SPECS[task]
+    task_index = list(TASKS).index(task)
+    std = _standardiser(task, spec, seed, task_index)
+    rng = np.random.default_rng([seed, task_index, 104729])
+    f = _study_factors(task, _draw_factors(rng, spec, 4000, {}))
+    base = _raw_parts(task, f)
+    w_img = spec.beta * math.sqrt(image_share) / std.image[1]
+    w_ehr = spec.beta * math.sqrt(1.0 - image_share) / std.ehr[1]
+    rows = []
+    for name in FACTOR_COLUMNS:
+        if np.isnan(f[name]).all():
+            continue
+        if name in _BINARY:
+            lo, hi = dict(f), dict(f)
+            lo[name], hi[name] = np.zeros_like(f[name]), np.ones_like(f[name])
+            a, b, step = _raw_parts(task, lo), _raw_parts(task, hi), 1.0
+        else:
+            moved = dict(f)
+            moved[name] = f[name] + 0.1
+            a, b, step = base, _raw_parts(task, moved), 0.1
+        diff = [float(np.mean(hi_ - lo_)) / step for lo_, hi_ in zip(a, b, strict=True)]
+        rows.append(
+            {
+                "factor": name,
+                "ct": "ct" in VISIBILITY[name],
+                "ehr": "ehr" in VISIBILITY[name],
+                "image_term": round(w_img * diff[0], 3),
+                "ehr_term": round(w_ehr * diff[1], 3),
+                "interaction": "core" if diff[2] else ("modifier" if diff[3] else ""),
+            }
+        )
+    return rows
+
+
 @dataclass
 class _Cohort:
     """One institution's simulated patients and studies (arrays; times in days from the
@@ -620,6 +704,19 @@ def _pick_visits(
     return np.where(n > 0, pick, -1)
 
 
+def _atherosclerosis(pf: dict[str, np.ndarray]) -> np.ndarray:
+    """EHR-visible coronary risk, shape (n_patients,), about standard normal: the part of
+    coronary disease that records can know (age, sex, diabetes, hypertension, smoking)."""
+    raw = (
+        0.04 * (pf["age"] - 62.0)
+        + 0.5 * pf["male"]
+        + 0.7 * pf["diabetes"]
+        + 0.5 * pf["hypertension"]
+        + 0.6 * pf["smoking"]
+    )
+    return (raw - 0.94) / 0.76
+
+
 def _build_ehr(
     task: str, inst: str, c: _Cohort, seed: int, task_index: int
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -720,8 +817,11 @@ def _build_ehr(
     )
     vis["end"] = vis["start"] + los
 
-    # conditions
+    # conditions. CT-only factors (clot burden, coronary calcium) never enter a record: coronary
+    # disease is coded from its EHR-visible risk factors, so codes correlate with calcium only
+    # as far as those factors do.
     u = rng.random((n_pat, 8))
+    athero = _atherosclerosis(pf)
     truth = {
         "cancer": pf["cancer"] > 0,
         "ckd": pf["renal_dysfunction"] > 0.9,
@@ -730,14 +830,12 @@ def _build_ehr(
         "diabetes": pf["diabetes"] > 0,
         "hypertension": pf["hypertension"] > 0,
         "smoking": pf["smoking"] > 0,
-        "hyperlipidemia": 0.6 * pf["coronary_calcium"]
-        + 0.8 * ndtri(np.clip(u[:, 0], 1e-9, 1 - 1e-9))
-        > 0.2,
+        "hyperlipidemia": 0.6 * athero + 0.8 * ndtri(np.clip(u[:, 0], 1e-9, 1 - 1e-9)) > 0.2,
         "afib": u[:, 1]
         < 1 / (1 + np.exp(-(-3.0 + 0.06 * (pf["age"] - 65) + 0.5 * pf["cardiac_dysfunction"]))),
         "frailty": pf["frailty"] > 1.0,
-        "prior_mi": (pf["coronary_calcium"] > 1.0) & (u[:, 2] < 0.4),
-        "cad": (pf["coronary_calcium"] > 0.7) & (u[:, 3] < 0.7),
+        "prior_mi": (athero > 1.0) & (u[:, 2] < 0.4),
+        "cad": (athero > 0.7) & (u[:, 3] < 0.7),
         "prior_vte": u[:, 4] < (0.15 if task == "pe" else 0.03),
         "pulmonary_hypertension": pf["pa_dilation"] > 1.3,
     }
@@ -954,11 +1052,11 @@ def _lab_values(
     sf: dict[str, np.ndarray],
     lab_names: list[str],
 ) -> np.ndarray:
-    """Lab / vital values in the internal site's units, driven by the factors."""
+    """Lab / vital values in the internal site's units, driven by the EHR-visible factors."""
+    athero = _atherosclerosis(pf)
     p = m["person"]
     acute = m["study"] >= 0
     st = np.where(acute, m["study"], 0)
-    clot = np.nan_to_num(sf["clot_burden"][st]) * acute
     rv = sf["rv_strain"][st] * acute
     n = len(p)
     noise = rng.standard_normal(n)
@@ -983,12 +1081,7 @@ def _lab_values(
             + 0.5 * noise
         ),
         "troponin": lambda: np.exp(
-            -4.5
-            + 0.6 * rv
-            + 0.3 * clot
-            + 0.3 * pf["cardiac_dysfunction"][p]
-            + (0.3 * pf["coronary_calcium"][p] * acute if task == "mace" else 0.0)
-            + 0.6 * noise
+            -4.5 + 0.7 * rv + 0.3 * pf["cardiac_dysfunction"][p] + 0.6 * noise
         ),
         "hemoglobin": lambda: (
             14.2
@@ -1000,7 +1093,7 @@ def _lab_values(
         "sodium": lambda: (
             139.5 - 1.5 * _relu(pf["cardiac_dysfunction"][p]) - 0.8 * pf["cancer"][p] + 2.5 * noise
         ),
-        "cholesterol": lambda: 185 + 15 * pf["coronary_calcium"][p] + 30 * noise,
+        "cholesterol": lambda: 185 + 15 * athero[p] + 30 * noise,
         "hdl": lambda: 55 - 8 * male - 4 * pf["diabetes"][p] + 12 * noise,
         "hba1c": lambda: (
             5.4
@@ -1009,14 +1102,8 @@ def _lab_values(
             + 0.3 * noise
         ),
         "sbp": lambda: 122 + 16 * pf["hypertension"][p] + 0.3 * (age - 60) + 14 * noise,
-        "heart_rate": lambda: 76 + 12 * rv + 6 * clot + 3 * pf["frailty"][p] + 11 * noise,
-        "spo2": lambda: (
-            97.3
-            - 2.8 * pf["chronic_lung_disease"][p]
-            - 1.5 * _relu(clot)
-            - 1.0 * _relu(rv)
-            + 1.3 * noise
-        ),
+        "heart_rate": lambda: 76 + 14 * rv + 3 * pf["frailty"][p] + 11 * noise,
+        "spo2": lambda: 97.3 - 2.8 * pf["chronic_lung_disease"][p] - 1.8 * _relu(rv) + 1.3 * noise,
         "bmi": lambda: 28 + 2.5 * pf["diabetes"][p] - 1.5 * pf["cancer"][p] + 4.5 * noise,
     }
     lab = m["lab"]
@@ -1471,49 +1558,29 @@ def _render(
     rvm = heart_z & ell(2.0, -46.0, r_rv * 1.1, r_rv * 0.8)[None]
     hu[lv] = 190.0 if contrast else 40.0
     hu[rvm] = 310.0 if contrast else 40.0
-    # pulmonary arteries: trunk, main branches, lobar branches
-    r_pa = 12.0 * (1.0 + 0.15 * pa_d)
-    artery_hu = 320.0 if contrast else 40.0
-    segments = [
-        ((5.0, -45.0, 8.0), (5.0, -40.0, 48.0), r_pa),
-        ((5.0, -40.0, 28.0), (-55.0 * bs, -5.0, 24.0), 0.7 * r_pa),
-        ((5.0, -40.0, 28.0), (55.0 * bs, -5.0, 24.0), 0.7 * r_pa),
-        ((-60.0 * bs, 0.0, 40.0), (-70.0 * bs, 20.0, -45.0), 5.0 * (1 + 0.1 * pa_d)),
-        ((60.0 * bs, 0.0, 40.0), (70.0 * bs, 20.0, -45.0), 5.0 * (1 + 0.1 * pa_d)),
-        ((-55.0 * bs, -5.0, 24.0), (-80.0 * bs, -20.0, 45.0), 4.5 * (1 + 0.1 * pa_d)),
-        ((55.0 * bs, -5.0, 24.0), (80.0 * bs, -20.0, 45.0), 4.5 * (1 + 0.1 * pa_d)),
-    ]
+    # aorta (ascending, descending)
+    aorta_hu = 230.0 if contrast else 40.0
+    ascending = zr(-5.0, 60.0) & ell(28.0, -12.0, 14.0, 14.0)[None]
+    aorta = ascending | ell(28.0, 45.0, 12.0, 12.0)[None]
+    hu[aorta] = aorta_hu
+    # pulmonary arteries: trunk, main branches, lobar branches (upper, middle, lower per side)
+    segments = _pulmonary_arteries(bs, pa_d)
     artery = np.zeros((nz, n, n), bool)
     X3, Y3 = x[None], y[None]
-    for (x0, y0, z0), (x1, y1, z1), r in segments:
-        artery |= _capsule(X3, Y3, Z, (x0, y0, z0), (x1, y1, z1), r)
-    hu[artery] = artery_hu
-    # aorta
-    hu[zr(-5.0, 60.0) & ell(28.0, -12.0, 14.0, 14.0)[None]] = 230.0 if contrast else 40.0
-    hu[:, ell(28.0, 45.0, 12.0, 12.0)] = 230.0 if contrast else 40.0
+    for a, b, r in segments.values():
+        artery |= _capsule(X3, Y3, Z, a, b, r)
+    artery &= ~aorta
+    hu[artery] = 320.0 if contrast else 40.0
     # spine
     hu[:, ell(0.0, 72.0 * bs, 19.0, 17.0)] = 800.0
     hu[:, ell(0.0, 72.0 * bs, 15.0, 13.0)] = 620.0
     hu[:, ell(0.0, 72.0 * bs + 24.0, 20.0, 7.0)] = 650.0
     hu[:, ell(0.0, 72.0 * bs + 20.0, 6.0, 6.0)] = 20.0
-    # emboli: filling defects inside the pulmonary arteries
+    # emboli: filling defects in the contrast-filled lumen
     if contrast and np.isfinite(clot):
-        n_emb = max(1, int(rng.poisson(2.0 * math.exp(0.8 * clot))))
-        n_emb = min(n_emb, 14)
-        p_central = 1.0 / (1.0 + math.exp(-(clot - 0.5)))
-        for _ in range(n_emb):
-            k = (
-                int(rng.integers(0, 3))
-                if rng.random() < p_central
-                else int(rng.integers(3, len(segments)))
-            )
-            a, b, r = segments[k]
-            t = rng.uniform(0.1, 0.9)
-            cx, cy, cz = (a[i] + t * (b[i] - a[i]) for i in range(3))
-            re = r * rng.uniform(0.7, 1.1) * (1.0 + 0.25 * float(np.clip(clot, -1.0, 3.0)))
-            sphere = ((X3 - cx) ** 2 + (Y3 - cy) ** 2 + (Z - cz) ** 2) <= re * re
-            emb = sphere & artery
-            hu[emb] = 40.0
+        for a, b, r, clot_hu in _emboli(rng, float(clot), segments):
+            emb = _capsule(X3, Y3, Z, a, b, r + 0.35 * sp) & artery
+            hu[emb] = clot_hu
             mask[emb] = 1
     # coronary calcifications on the heart's surface
     lam = 8.0 / (1.0 + math.exp(-1.5 * (cal - 0.5)))
@@ -1533,6 +1600,68 @@ def _render(
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * job["noise_sd"]
     np.clip(hu, -1024.0, 3071.0, out=hu)
     return hu, mask, (sz, sp, sp), origin
+
+
+_Point = tuple[float, float, float]
+
+
+def _pulmonary_arteries(bs: float, pa_d: float) -> dict[str, tuple[_Point, _Point, float]]:
+    """Centre lines and radii of the pulmonary arteries: name -> (start, end, radius), mm.
+
+    Points are LPS ``(x, y, z)``; ``bs`` scales the chest width, ``pa_d`` (pulmonary-artery
+    dilation, unitless) widens every vessel. The trunk leaves the right ventricle and divides
+    at ``z = 28`` mm; each main branch ends at its hilum, where the upper, middle (right) /
+    lingular (left) and lower lobar arteries start."""
+    r_pa = 12.5 * (1.0 + 0.15 * pa_d)
+    r_lobar = 6.5 * (1.0 + 0.1 * pa_d)
+    bif = (5.0, -40.0, 28.0)
+    out: dict[str, tuple[_Point, _Point, float]] = {
+        "trunk": ((5.0, -45.0, 8.0), (5.0, -40.0, 48.0), r_pa)
+    }
+    for side, name in ((-1.0, "right"), (1.0, "left")):
+        hilum = (side * 55.0 * bs, -5.0, 24.0)
+        out[f"{name}_main"] = (bif, hilum, 0.75 * r_pa)
+        out[f"{name}_upper"] = (hilum, (side * 80.0 * bs, -20.0, 45.0), r_lobar)
+        out[f"{name}_middle"] = (hilum, (side * 85.0 * bs, -35.0, 0.0), 0.9 * r_lobar)
+        out[f"{name}_lower"] = (hilum, (side * 70.0 * bs, 20.0, -45.0), r_lobar)
+    return out
+
+
+def _emboli(
+    rng: np.random.Generator, clot: float, segments: dict[str, tuple[_Point, _Point, float]]
+) -> list[tuple[_Point, _Point, float, float]]:
+    """Filling defects for a study with clot burden ``clot`` (unitless severity; standard
+    normal in the internal population): a list of (start, end, radius mm, HU) capsules, to be
+    intersected with the arterial lumen.
+
+    The burden's percentile ``q`` sets how many lobar arteries hold a clot (every one near
+    ``q = 1``; always at least one), how long each clot is and how much of the lumen it fills
+    (from about half to occlusive); central clots in the main branches become likely above the
+    median, and a saddle embolus astride the bifurcation above about +1 sd."""
+    q = 0.5 * math.erfc(-clot / math.sqrt(2.0))
+    lobar = [k for k in segments if k.endswith(("_upper", "_middle", "_lower"))]
+    involved = [k for k in lobar if rng.random() < 0.08 + 0.9 * q]
+    if not involved:
+        involved = [lobar[int(rng.integers(0, len(lobar)))]]
+    involved += [k for k in ("right_main", "left_main") if rng.random() < 1.1 * q**2]
+    out = []
+    for k in involved:
+        a, b, r = segments[k]
+        length = float(np.clip(0.3 + 0.6 * q + 0.1 * rng.standard_normal(), 0.2, 1.0))
+        t0 = rng.uniform(0.0, 1.0 - length)
+        fill = float(np.clip(0.5 + 0.45 * q + 0.08 * rng.standard_normal(), 0.4, 1.0))
+        p0 = tuple(a[i] + t0 * (b[i] - a[i]) for i in range(3))
+        p1 = tuple(a[i] + (t0 + length) * (b[i] - a[i]) for i in range(3))
+        out.append((p0, p1, fill * r, float(rng.uniform(25.0, 65.0))))
+    if rng.random() < 1.0 / (1.0 + math.exp(-3.0 * (clot - 1.2))):
+        # saddle embolus: astride the bifurcation, reaching into both main branches
+        a, _, _ = segments["right_main"]
+        r = segments["right_main"][2]
+        for k in ("right_main", "left_main"):
+            _, b, _ = segments[k]
+            end = tuple(a[i] + 0.45 * (b[i] - a[i]) for i in range(3))
+            out.append((a, end, 0.85 * r, float(rng.uniform(25.0, 65.0))))
+    return out
 
 
 def _capsule(
@@ -1607,12 +1736,9 @@ def _image_jobs(
         body = np.clip(1.0 + 0.08 * rng.standard_normal(c.n_patients), 0.8, 1.25)
         pids = _person_ids(inst, c.n_patients)
         f = c.factors
-        effusion = np.clip(
-            0.07 * (f["cardiac_dysfunction"] - 0.8)
-            + 0.12 * f["cancer"] * rng.random(len(c.study_patient)),
-            0.0,
-            0.35,
-        )
+        # pleural effusion: heart failure, or an unrelated cause (never an EHR-only factor)
+        other = (rng.random(len(c.study_patient)) < 0.12) * rng.random(len(c.study_patient))
+        effusion = np.clip(0.07 * (f["cardiac_dysfunction"] - 0.8) + 0.12 * other, 0.0, 0.35)
         for s in range(len(c.study_patient)):
             p = c.study_patient[s]
             sid = study_ids[s]
@@ -1735,8 +1861,15 @@ def generate(
     ``profile``: ``"quick"`` or ``"paper"`` (numbers of CT studies per institution, see
     ``PROFILES``); ``n_override`` (e.g. ``{"internal": 40, "external": 20}``) replaces them
     for every task. ``seed``: int >= 0; equal arguments give identical parquet files.
-    ``image_share`` in [0, 1]: the share of the true log-hazard's variance carried by CT-only
-    factors. ``images=False`` writes everything but the volumes and masks (the imaging index
+    ``image_share`` in [0, 1] (``data.synthetic.image_share`` in the manifest): how the
+    non-interaction part of the true log-hazard is split between the modalities. The log-hazard
+    is ``beta * (sqrt(s) * image + sqrt(1 - s) * ehr + interaction)`` with ``image`` and
+    ``ehr`` standardised (mean 0, sd 1 in the internal reference population) and built from
+    factors the CT, respectively the records, show; so ``s`` is the image part's share of
+    their variance. At ``s = 0`` the CT part contributes nothing (``image_part`` is 0), at
+    ``s = 1`` the EHR part nothing (``ehr_part`` is 0); the cross-modal interaction (a CT
+    factor times an EHR factor, see the module docstring) stays, so fusion can help at any
+    ``s``. ``images=False`` writes everything but the volumes and masks (the imaging index
     then points at files that do not exist). ``workers``: processes rendering volumes
     (default: up to 2); results do not depend on it.
 

@@ -93,6 +93,99 @@ def test_dicom_round_trip_and_tags(tmp_path: Path) -> None:
     assert len(sops) == len(paths)
 
 
+# The attributes of the modules a CT Image Storage object must hold (DICOM PS3.3 A.3.3):
+# type 1 (present, not empty) and type 2 (present, may be empty).
+_CT_TYPE1 = {
+    "General Study": ["StudyInstanceUID"],
+    "General Series": ["Modality", "SeriesInstanceUID"],
+    "Frame of Reference": ["FrameOfReferenceUID"],
+    "Image Plane": ["PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"],
+    "Image Pixel": [
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PixelData",
+    ],
+    "CT Image": ["ImageType", "RescaleIntercept", "RescaleSlope"],
+    "SOP Common": ["SOPClassUID", "SOPInstanceUID"],
+}
+_CT_TYPE2 = [
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "InstanceNumber",
+    "SliceThickness",
+    "KVP",
+    "AcquisitionNumber",
+]
+
+
+def test_dicom_files_are_valid_ct_images(tmp_path: Path) -> None:
+    """Every file reads back under pydicom's strict validation, has a valid file meta, the
+    CT Image IOD's type 1 and type 2 attributes, and a geometry consistent across the series:
+    one orientation, equal pixel spacing, positions one slice thickness apart along the
+    normal, instance numbers in position order."""
+    from pydicom import config
+    from pydicom.dataset import validate_file_meta
+
+    vol = _volume(np.random.default_rng(6))
+    paths = _write_dicom(vol, tmp_path / "series")
+    modes = (config.settings.reading_validation_mode, config.settings.writing_validation_mode)
+    config.settings.reading_validation_mode = config.RAISE
+    config.settings.writing_validation_mode = config.RAISE
+    try:
+        datasets = []
+        for path in paths:
+            with path.open("rb") as fh:
+                assert fh.read(132)[128:] == b"DICM"
+            ds = pydicom.dcmread(path)
+            validate_file_meta(ds.file_meta, enforce_standard=True)
+            for elem in ds.iterall():  # converting every value validates it
+                _ = elem.value
+            ds.save_as(tmp_path / "resaved.dcm", enforce_file_format=True)
+            for module, keywords in _CT_TYPE1.items():
+                for keyword in keywords:
+                    assert keyword in ds, (module, keyword)
+                    assert ds[keyword].value not in (None, "", b""), (module, keyword)
+            for keyword in _CT_TYPE2:
+                assert keyword in ds, keyword
+            assert ds.SamplesPerPixel == 1 and ds.BitsAllocated == 16
+            assert list(ds.ImageType[:2]) == ["ORIGINAL", "PRIMARY"]
+            datasets.append(ds)
+    finally:
+        config.settings.reading_validation_mode, config.settings.writing_validation_mode = modes
+    orientation = {tuple(float(v) for v in ds.ImageOrientationPatient) for ds in datasets}
+    assert len(orientation) == 1
+    row, col = np.array(next(iter(orientation))).reshape(2, 3)
+    normal = np.cross(row, col)
+    spacing = {tuple(float(v) for v in ds.PixelSpacing) for ds in datasets}
+    assert spacing == {(0.75, 0.8)}
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    np.testing.assert_allclose(
+        np.diff(positions @ normal), float(datasets[0].SliceThickness), rtol=1e-6
+    )
+    np.testing.assert_allclose(positions[:, :2], [[-100.25, -120.5]] * len(paths), atol=1e-6)
+    assert [ds.InstanceNumber for ds in datasets] == list(range(1, len(paths) + 1))
+    assert len({ds.FrameOfReferenceUID for ds in datasets}) == 1
+    for k, ds in enumerate(datasets):  # each file's pixels are that slice of the volume
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_allclose(hu, np.rint(vol.hu[k]), atol=0.5)
+
+
 def test_dicom_uids_are_reproducible(tmp_path: Path) -> None:
     vol = _volume(np.random.default_rng(4))
     a = _write_dicom(vol, tmp_path / "a")

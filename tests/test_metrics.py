@@ -1,5 +1,9 @@
 """Tests for helpers.metrics against lifelines 0.30.3 and scikit-survival 0.28.0.
 
+IPCW metrics are checked against ``sksurv.metrics.concordance_index_ipcw``,
+``cumulative_dynamic_auc``, ``brier_score`` and ``integrated_brier_score``; the Cox calibration
+slope against ``lifelines.CoxPHFitter``.
+
 References are computed by calling the packages directly (versions pinned in pyproject.toml):
 ``lifelines.utils.concordance_index(time, -risk, event)`` (lifelines wants higher = longer
 survival, hence the minus) and ``sksurv.metrics.concordance_index_censored(event, time, risk)``.
@@ -7,12 +11,22 @@ survival, hence the minus) and ``sksurv.metrics.concordance_index_censored(event
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lifelines.utils import concordance_index
-from sksurv.metrics import concordance_index_censored
+from sksurv.metrics import brier_score as sksurv_brier_score
+from sksurv.metrics import (
+    concordance_index_censored,
+    concordance_index_ipcw,
+    cumulative_dynamic_auc,
+)
+from sksurv.metrics import integrated_brier_score as sksurv_integrated_brier_score
+from sksurv.util import Surv
 
 from helpers.metrics import (
     BootstrapResult,
@@ -20,8 +34,16 @@ from helpers.metrics import (
     PairedTestResult,
     _bootstrap_values,
     bootstrap_ci,
+    bootstrap_metric,
+    brier_score,
+    calibration,
     harrell_c,
+    holm,
+    integrated_brier_score,
+    paired_bootstrap_metric,
     paired_bootstrap_test,
+    time_dependent_auc,
+    uno_c,
 )
 
 
@@ -391,3 +413,342 @@ def test_paired_marginal_samples_match_single_bootstrap():
     single = bootstrap_ci(time=time, event=event, risk=risk, n_boot=100, rng=4)
     values, _ = _bootstrap_values(time, event, [risk, other], 100, np.random.default_rng(4))
     np.testing.assert_array_equal(values[:, 0], single.samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# IPCW metrics against scikit-survival 0.28.0
+#
+# Tolerance: rel=1e-9. Both sides compute the same sums in a different order (ours vectorised,
+# sksurv in a Python loop), so only float rounding separates them on data where the documented
+# conventions coincide: continuous times (no training censoring at a test event time) and risks
+# never within sksurv's tied_tol=1e-8 of each other unless exactly equal. sksurv's censoring
+# Kaplan-Meier raises for test times beyond the last training time, so the training data are
+# followed longer than the test data.
+
+
+def _ipcw_data(n_test: int, seed: int, *, tied_risk: bool = False):
+    gen = np.random.default_rng(seed)
+
+    def draw(n):
+        lp = gen.normal(size=n)
+        t = gen.exponential(100 / np.exp(lp))
+        c = gen.uniform(0, 300, size=n)
+        risk = lp + 0.7 * gen.normal(size=n)
+        if tied_risk:
+            risk = np.round(risk)
+        return np.minimum(t, c), (t <= c).astype(int), risk
+
+    train_time, train_event, _ = draw(3 * n_test)
+    train_time[np.argmax(train_time)] = 1000.0
+    time_, event, risk = draw(n_test)
+    return time_, event, risk, train_time, train_event
+
+
+def _surv(event, time_):
+    return Surv.from_arrays(event=np.asarray(event).astype(bool), time=np.asarray(time_, float))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("tau", [None, 120.0])
+@pytest.mark.parametrize("tied_risk", [False, True])
+def test_uno_c_matches_sksurv(seed, tau, tied_risk):
+    time_, event, risk, train_time, train_event = _ipcw_data(150, seed, tied_risk=tied_risk)
+    ours = uno_c(time_, event, risk, train_time=train_time, train_event=train_event, tau=tau)
+    theirs = concordance_index_ipcw(
+        _surv(train_event, train_time), _surv(event, time_), risk, tau=tau
+    )[0]
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("horizon", [30.0, 90.0])
+@pytest.mark.parametrize("tied_risk", [False, True])
+def test_time_dependent_auc_matches_sksurv(seed, horizon, tied_risk):
+    time_, event, risk, train_time, train_event = _ipcw_data(150, seed, tied_risk=tied_risk)
+    ours = time_dependent_auc(
+        time_, event, risk, train_time=train_time, train_event=train_event, horizon=horizon
+    )
+    theirs = cumulative_dynamic_auc(
+        _surv(train_event, train_time), _surv(event, time_), risk, [horizon]
+    )[0][0]
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_brier_scores_match_sksurv(seed):
+    time_, event, risk, train_time, train_event = _ipcw_data(150, seed)
+    times = np.linspace(10.0, 150.0, 8)
+    survival = np.exp(-times[None, :] / 100 * np.exp(risk)[:, None])
+    train, test = _surv(train_event, train_time), _surv(event, time_)
+    for k in (0, 4):
+        ours = brier_score(
+            time_, event, survival[:, k], train_time=train_time, train_event=train_event,
+            horizon=times[k],
+        )
+        assert ours == pytest.approx(sksurv_brier_score(train, test, survival[:, k], times[k])[1][0], rel=1e-9)
+    ours_ibs = integrated_brier_score(
+        time_, event, survival, train_time=train_time, train_event=train_event, times=times
+    )
+    assert ours_ibs == pytest.approx(
+        sksurv_integrated_brier_score(train, test, survival, times), rel=1e-9
+    )
+
+
+def test_administrative_censoring_at_the_horizon_keeps_controls():
+    """Censored at the horizon means event-free through it: those subjects are controls, and
+    the weights use G(horizon-) > 0. sksurv (time > t, G(t)) finds no control there."""
+    time_ = np.array([10.0, 20.0, 30.0, 365.0, 365.0, 365.0])
+    event = np.array([1, 1, 0, 0, 0, 0])
+    risk = np.array([3.0, 2.0, 0.0, 1.0, 0.5, -1.0])
+    kwargs = {"train_time": time_, "train_event": event, "horizon": 365.0}
+    assert time_dependent_auc(time_, event, risk, **kwargs) == 1.0
+    survival = np.array([0.0, 0.0, 0.5, 1.0, 1.0, 1.0])
+    assert brier_score(time_, event, survival, **kwargs) == 0.0
+
+
+def test_uno_c_equals_harrell_c_without_censoring():
+    gen = np.random.default_rng(3)
+    time_ = gen.exponential(size=80)
+    risk = -time_ + gen.normal(size=80)
+    ones = np.ones(80)
+    assert uno_c(time_, ones, risk, train_time=time_, train_event=ones, tau=None) == pytest.approx(
+        harrell_c(time_, ones, risk), rel=1e-12
+    )
+
+
+_IPCW_GOOD = {
+    "time": [1.0, 2.0, 3.0, 4.0],
+    "event": [1, 0, 1, 0],
+    "risk": [0.9, 0.5, 0.4, 0.1],
+    "train_time": [1.0, 2.0, 3.0, 5.0],
+    "train_event": [1, 0, 1, 0],
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        pytest.param({"event": [0, 0, 0, 0]}, "No comparable pairs", id="all-censored"),
+        pytest.param({"time": [1.0], "event": [1], "risk": [0.1]}, "at least 2 samples", id="one"),
+        pytest.param({"risk": [0.1, np.nan, 0.2, 0.3]}, "'risk' must be finite", id="nan"),
+        pytest.param({"risk": [0.1, np.inf, 0.2, 0.3]}, "'risk' must be finite", id="inf"),
+        pytest.param(
+            {"risk": [0.1, 0.2]}, "'risk' has 2 samples but 'time' has 4", id="mismatch"
+        ),
+        pytest.param({"time": [1.0, -2.0, 3.0, 4.0]}, "'time' must be non-negative", id="neg"),
+        pytest.param(
+            {"train_time": [1.0, -1.0, 3.0, 5.0]}, "'train_time' must be non-negative", id="neg-tr"
+        ),
+        pytest.param(
+            {"train_event": [1, 0]},
+            "'train_event' has 2 samples but 'train_time' has 4",
+            id="mismatch-train",
+        ),
+        pytest.param(
+            {"train_time": [0.5, 0.6, 0.7, 0.8], "train_event": [0, 0, 0, 0]},
+            "censoring distribution of 'train_time'/'train_event' is zero",
+            id="censoring-zero",
+        ),
+    ],
+)
+@pytest.mark.parametrize("metric", ["uno_c", "time_dependent_auc"])
+def test_ipcw_metrics_reject_bad_input(changes, message, metric):
+    kwargs = {**_IPCW_GOOD, **changes}
+    if metric == "uno_c":
+        with pytest.raises(ValueError, match=message):
+            uno_c(**kwargs, tau=None)
+    else:
+        if "No comparable" in message:
+            message = "needs cases and controls, got 0 case"
+        with pytest.raises(ValueError, match=message):
+            time_dependent_auc(**kwargs, horizon=2.5)
+
+
+def test_no_comparable_pairs_is_a_value_error_subclass_for_ipcw():
+    with pytest.raises(NoComparablePairsError, match="No comparable pairs before tau=0.5"):
+        uno_c(**_IPCW_GOOD, tau=0.5)
+    with pytest.raises(NoComparablePairsError, match="0 control"):
+        time_dependent_auc(**_IPCW_GOOD, horizon=10.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"horizon": -1.0}, "'horizon' must be positive"),
+        ({"horizon": float("nan")}, "'horizon' must be a finite number"),
+        ({"survival": [0.5, 1.2, 0.3, 0.2]}, "'survival' .* must lie in \\[0, 1\\], got 1.2"),
+        ({"survival": [0.5, np.nan, 0.3, 0.2]}, "'survival' must be finite"),
+    ],
+)
+def test_brier_score_rejects_bad_input(kwargs, message):
+    base = {k: v for k, v in _IPCW_GOOD.items() if k != "risk"}
+    with pytest.raises(ValueError, match=message):
+        brier_score(**{**base, "survival": [0.5, 0.6, 0.3, 0.2], "horizon": 2.5, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"times": [2.0]}, "at least 2 time points"),
+        ({"times": [3.0, 2.0]}, "strictly increasing"),
+        ({"survival": np.full((4, 3), 0.5)}, "must have shape \\(n_samples, 2\\)"),
+    ],
+)
+def test_integrated_brier_score_rejects_bad_input(kwargs, message):
+    base = {k: v for k, v in _IPCW_GOOD.items() if k != "risk"}
+    with pytest.raises(ValueError, match=message):
+        integrated_brier_score(**{**base, "survival": np.full((4, 2), 0.5), "times": [1.5, 2.5], **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------
+# generic bootstrap: weights travel with the patients
+
+
+def test_bootstrap_metric_recomputes_weights_on_each_resample():
+    time_, event, risk, train_time, train_event = _ipcw_data(60, 0)
+    metric = partial(uno_c, tau=150.0)
+    data = {"time": time_, "event": event, "risk": risk}
+    train = {"train_time": train_time, "train_event": train_event}
+    result = bootstrap_metric(metric, data, train=train, n_boot=20, rng=5)
+    # Replay the draws: the test rows, then the training rows, for each resample.
+    gen = np.random.default_rng(5)
+    expected = []
+    while len(expected) < 20:
+        index = gen.integers(0, 60, size=60)
+        train_index = gen.integers(0, 180, size=180)
+        try:
+            expected.append(metric(time_[index], event[index], risk[index],
+                                   train_time=train_time[train_index],
+                                   train_event=train_event[train_index]))
+        except NoComparablePairsError:
+            continue
+    np.testing.assert_array_equal(result.samples, expected)
+    assert result.estimate == metric(**data, **train)
+    assert result.lower <= result.upper
+
+
+def test_bootstrap_metric_of_harrell_c_matches_bootstrap_ci_distribution():
+    time_, event, risk = _random_data(150, 1, tied=False)
+    generic = bootstrap_metric(harrell_c, {"time": time_, "event": event, "risk": risk},
+                               n_boot=300, rng=0)
+    fast = bootstrap_ci(time=time_, event=event, risk=risk, n_boot=300, rng=1)
+    assert generic.estimate == fast.estimate
+    assert abs(generic.samples.std() - fast.samples.std()) < 0.3 * fast.samples.std()
+
+
+def test_paired_bootstrap_metric_identical_models():
+    time_, event, risk, train_time, train_event = _ipcw_data(80, 2)
+    result = paired_bootstrap_metric(
+        partial(time_dependent_auc, horizon=60.0),
+        {"time": time_, "event": event},
+        a={"risk": risk}, b={"risk": risk.copy()},
+        train={"train_time": train_time, "train_event": train_event},
+        n_boot=30, rng=0,
+    )
+    assert result.difference == 0 and result.p_value == 1.0 and result.lower == result.upper == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: bootstrap_metric(harrell_c, {}, n_boot=5), "'data' must be a non-empty mapping"),
+        (lambda: bootstrap_metric(harrell_c, {"time": [1, 2], "event": [1]}, n_boot=5),
+         "Dimension mismatch in 'data': 'event' has 1 samples but 'time' has 2"),
+        (lambda: bootstrap_metric(harrell_c, {"time": [1]}, n_boot=5), "at least 2 samples"),
+        (lambda: paired_bootstrap_metric(harrell_c, {"time": [1, 2, 3], "event": [1, 1, 1]},
+                                         a={"risk": [1, 2, 3]}, b={"risk": [1, 2]}, n_boot=5),
+         "'b' has 2 samples but 'data' has 3"),
+    ],
+)
+def test_bootstrap_metric_rejects_bad_input(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bootstrap_metric_counts_redraws_and_gives_up():
+    data = {"time": [1.0, 2.0], "event": [1, 0], "risk": [2.0, 1.0]}
+    # Of the four equally likely resamples of two subjects, two have no comparable pair.
+    result = bootstrap_metric(harrell_c, data, n_boot=200, rng=0)
+    assert 100 < result.n_redrawn < 320 and (result.samples == 1.0).all()
+    calls = []
+
+    def only_the_full_data(**kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise NoComparablePairsError("none")
+        return 0.5
+
+    with pytest.raises(NoComparablePairsError, match="resamples had no comparable pair"):
+        bootstrap_metric(only_the_full_data, data, n_boot=2, rng=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration and Holm
+
+
+def test_calibration_of_a_perfectly_calibrated_model():
+    gen = np.random.default_rng(11)
+    n, base = 4000, 0.002
+    lp = gen.normal(scale=0.8, size=n)
+    t = gen.exponential(1 / (base * np.exp(lp)))
+    c = gen.uniform(100, 800, size=n)
+    time_, event = np.minimum(t, c), (t <= c).astype(int)
+    survival = np.exp(-base * 365 * np.exp(lp))
+    result = calibration(time=time_, event=event, survival=survival, horizon=365.0)
+    assert abs(result.slope - 1) < 3 * result.slope_se and result.slope_se < 0.06
+    np.testing.assert_allclose(result.observed, result.predicted, atol=0.06)
+    assert result.n.sum() == n and np.all(np.diff(result.predicted) > 0)
+    # twice the spread of the linear predictor: the slope halves
+    too_extreme = np.exp(-base * 365 * np.exp(2 * lp))
+    assert calibration(time=time_, event=event, survival=too_extreme, horizon=365.0).slope == (
+        pytest.approx(0.5, abs=0.05)
+    )
+
+
+def test_calibration_slope_matches_lifelines_cox():
+    from lifelines import CoxPHFitter
+
+    gen = np.random.default_rng(4)
+    x = gen.normal(size=300)
+    t = gen.exponential(1 / np.exp(0.7 * x))
+    c = gen.uniform(0, 2, size=300)
+    time_, event = np.minimum(t, c), (t <= c)
+    survival = np.exp(-np.exp(x))  # log(-log S) = x
+    result = calibration(time=time_, event=event, survival=survival, horizon=10.0)
+    frame = pd.DataFrame({"time": time_, "event": event.astype(int), "x": x})
+    # Continuous times, so lifelines' Efron ties equal our Breslow ties; its default Newton
+    # stopping rule (precision 1e-7) is tightened so that the two optima agree closely.
+    cph = CoxPHFitter().fit(frame, "time", "event", fit_options={"precision": 1e-12})
+    assert result.slope == pytest.approx(cph.params_["x"], rel=1e-8)
+    assert result.slope_se == pytest.approx(cph.standard_errors_["x"], rel=1e-4)
+
+
+def test_calibration_rejects_bad_input():
+    with pytest.raises(NoComparablePairsError, match="no event happens by the horizon"):
+        calibration(time=[5.0, 6.0], event=[1, 1], survival=[0.5, 0.6], horizon=1.0, n_groups=2)
+    with pytest.raises(ValueError, match="'n_groups' must be between 2"):
+        calibration(time=[1.0, 2.0], event=[1, 0], survival=[0.5, 0.6], horizon=3.0, n_groups=5)
+    with pytest.raises(ValueError, match="'survival' has 1 samples but 'time' has 2"):
+        calibration(time=[1.0, 2.0], event=[1, 0], survival=[0.5], horizon=3.0, n_groups=2)
+
+
+def test_holm_hand_example():
+    # m = 4; sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(1*0.04, 0.06)
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([0.5, np.nan, 0.01]), [0.5, np.nan, 0.02])
+    np.testing.assert_allclose(holm([0.6, 0.9]), [1.0, 1.0])
+    assert holm([]).shape == (0,)
+    with pytest.raises(ValueError, match="'pvalues' must lie in \\[0, 1\\]"):
+        holm([0.2, 1.5])
+
+
+def test_calibration_slope_is_nan_for_constant_predictions_and_stable_for_extreme_ones():
+    gen = np.random.default_rng(2)
+    time_ = gen.exponential(size=200)
+    event = np.ones(200)
+    flat = calibration(time=time_, event=event, survival=np.zeros(200), horizon=1.0)
+    assert np.isnan(flat.slope) and np.isnan(flat.slope_se)
+    # probabilities at 0 and 1 are clipped to 1e-12; Newton needs its step halving here
+    extreme = np.where(gen.random(200) < 0.5, 0.0, 1.0)
+    result = calibration(time=time_, event=event, survival=extreme, horizon=1.0)
+    assert np.isfinite(result.slope) and abs(result.slope) < 1

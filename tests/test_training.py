@@ -55,7 +55,7 @@ def test_make_predictions_covers_every_split():
 def test_unknown_or_unavailable_fusion_is_named():
     with pytest.raises(ValueError, match="parameter 'fusion': unknown value 'late'"):
         build_model("late", 4, 4)
-    with pytest.raises(ValueError, match="'cross_attention' is not available in this version"):
+    with pytest.raises(ValueError, match="parameter 'd_token': attention strategies with image_tokens='slices'"):
         build_model("cross_attention", 4, 4)
 
 

@@ -317,20 +317,51 @@ def test_event_rates_near_targets(moderate: tuple[Path, dict]) -> None:
             assert 0.75 < c < 0.93, (task, site, c)
 
 
-def test_image_share_moves_the_signal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["pe", "mace"])
+def test_image_share_moves_the_signal(tmp_path: Path, task: str) -> None:
+    """image_share 0: the CT part is zero; 1: the EHR part is zero; the interaction stays."""
     size = {"internal": 400, "external": 20}
-    for share, column in ((1.0, "ehr_part"), (0.0, "image_part")):
+    for share, gone, kept in ((1.0, "ehr_part", "image_part"), (0.0, "image_part", "ehr_part")):
         twin.generate(
             tmp_path / str(share),
             seed=0,
             n_override=size,
             image_share=share,
             images=False,
-            tasks=("mace",),
+            tasks=(task,),
         )
-        f = pd.read_parquet(tmp_path / str(share) / "mace" / "ground_truth" / "factors.parquet")
-        assert np.allclose(f[column], 0.0)
+        f = pd.read_parquet(tmp_path / str(share) / task / "ground_truth" / "factors.parquet")
+        assert np.allclose(f[gone], 0.0)
+        assert f[kept].std() > 0.8
+        assert f["interaction_part"].std() > 0.1
+        total = f["image_part"] + f["ehr_part"] + f["interaction_part"]
+        np.testing.assert_allclose(f["true_log_hazard"], total, atol=1e-9)
         assert f["true_log_hazard"].std() > 0.8
+
+
+@pytest.mark.parametrize("task", ["pe", "mace"])
+def test_hazard_parts_use_only_visible_factors(task: str) -> None:
+    """Moving one factor changes the image part only if the CT shows it, and the EHR part only
+    if the records show it; the interaction couples a CT-only and an EHR-only factor."""
+    rng = np.random.default_rng(0)
+    base = {k: rng.standard_normal(50) for k in twin.FACTOR_COLUMNS}
+    base["age"] = 60 + 10 * base["age"]
+    for k in ("male", "cancer", "chronic_lung_disease", "diabetes", "hypertension", "smoking"):
+        base[k] = (base[k] > 0).astype(float)
+    image0, ehr0, core0, mod0 = twin._raw_parts(task, base)
+    moves = {"image": set(), "ehr": set(), "core": set(), "modifier": set()}
+    for k in twin.FACTOR_COLUMNS:
+        moved = {**base, k: base[k] + 1.0}
+        parts = twin._raw_parts(task, moved)
+        for name, before, after in zip(moves, (image0, ehr0, core0, mod0), parts, strict=True):
+            if not np.allclose(before, after):
+                moves[name].add(k)
+    assert moves["image"] and moves["ehr"]
+    assert all("ct" in twin.VISIBILITY[k] for k in moves["image"]), moves["image"]
+    assert all("ehr" in twin.VISIBILITY[k] for k in moves["ehr"]), moves["ehr"]
+    assert all("ct" in twin.VISIBILITY[k] for k in moves["core"]), moves["core"]
+    assert any(twin.VISIBILITY[k] == ("ct",) for k in moves["core"])
+    assert moves["modifier"] and all(twin.VISIBILITY[k] == ("ehr",) for k in moves["modifier"])
 
 
 @pytest.mark.parametrize("task", ["pe", "mace"])
@@ -379,6 +410,18 @@ def test_tissue_intensities(tiny: tuple[Path, dict], task: str) -> None:
         else:
             assert -60 < trunk < 120  # unenhanced blood
         assert np.median(vol.hu[:, :2, :2]) < -900  # air outside the body
+        # soft tissue and fat, shifted by the site's calibration offset (site_b: +20 HU)
+        offset = 0.0 if row.institution == "site_a" else 20.0
+        soft = vol.hu[(vol.hu > -60) & (vol.hu < 140)]
+        fat = vol.hu[(vol.hu > -200) & (vol.hu < -50)]
+        assert abs(np.median(soft) - (40.0 + offset)) < 25, (row.institution, np.median(soft))
+        assert abs(np.median(fat) - (-100.0 + offset)) < 30, (row.institution, np.median(fat))
+        mask = np.load(root / task / "ground_truth" / "masks" / f"{row.study_id}.npz")["mask"]
+        if task == "pe":  # emboli: clot (25-65 HU) in the contrast-filled lumen
+            assert (mask == 1).any()
+            assert 0 < np.median(vol.hu[mask == 1]) < 130
+        if (mask == 2).any():  # calcified plaque
+            assert np.median(vol.hu[mask == 2]) > 300
 
 
 def test_clot_burden_grows_emboli() -> None:
@@ -408,6 +451,29 @@ def test_clot_burden_grows_emboli() -> None:
             for s in range(12)
         ]
     assert np.mean(volumes[2.0]) > 2.0 * np.mean(volumes[-1.5])
+
+
+def test_emboli_spread_with_clot_burden() -> None:
+    """Low burden: a few peripheral clots; high burden: clots in most lobar arteries, long and
+    near-occlusive, central clots and usually a saddle embolus on the bifurcation."""
+    segments = twin._pulmonary_arteries(1.0, 0.0)
+    bifurcation = segments["right_main"][0]
+
+    def summary(clot: float) -> tuple[float, float, float]:
+        n, fill, saddle = [], [], []
+        for s in range(60):
+            emboli = twin._emboli(np.random.default_rng(s), clot, segments)
+            n.append(len(emboli))
+            lobar = {k: v[2] for k, v in segments.items() if k.endswith("lower")}
+            fill.append(max(r / lobar["right_lower"] for _, _, r, _ in emboli))
+            saddle.append(any(a == bifurcation for a, _, _, _ in emboli))
+            assert all(25.0 <= hu <= 65.0 for *_, hu in emboli)
+        return float(np.mean(n)), float(np.mean(fill)), float(np.mean(saddle))
+
+    low, high = summary(-1.5), summary(2.0)
+    assert 1.0 <= low[0] < 2.0 and high[0] >= 6.0
+    assert high[1] > low[1]
+    assert low[2] == 0.0 and high[2] > 0.6
 
 
 def test_clot_burden_and_embolus_volume_correlate(tiny: tuple[Path, dict]) -> None:
@@ -456,3 +522,195 @@ def test_no_factor_outside_ground_truth(tiny: tuple[Path, dict]) -> None:
 def test_generate_rejects_bad_parameters(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         twin.generate(tmp_path, images=False, **kwargs)
+
+
+# ---------------------------------------------------------------- what each modality shows
+
+PROBE_SIZE = {"internal": 200, "external": 40}
+
+
+def _probe_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """5-fold cross-validated R^2 of a ridge probe (penalty chosen inside each fold)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_score
+
+    x = np.asarray(x, dtype=np.float64)
+    x = x[:, x.std(axis=0) > 1e-4]
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    scores = cross_val_score(
+        RidgeCV(alphas=np.logspace(-1, 5, 13)),
+        x,
+        y,
+        cv=KFold(5, shuffle=True, random_state=0),
+        scoring="r2",
+    )
+    return float(scores.mean())
+
+
+def _residual(y: np.ndarray, covariates: np.ndarray) -> np.ndarray:
+    """``y`` minus its least-squares fit on ``covariates`` (with an intercept)."""
+    design = np.column_stack([np.ones(len(y)), covariates])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return y - design @ coef
+
+
+def _visible(modality: str, factors: pd.DataFrame) -> list[str]:
+    return [
+        k
+        for k in twin.FACTOR_COLUMNS
+        if modality in twin.VISIBILITY[k] and factors[k].notna().all()
+    ]
+
+
+@pytest.fixture(scope="module")
+def image_probe() -> tuple[np.ndarray, pd.DataFrame]:
+    """Randconv embeddings (PE window, as the study computes them) of a small PE twin."""
+    import tempfile
+
+    import torch
+
+    from helpers.encoders.image import SlicePreprocess, VolumeDataset, encode_volumes
+    from helpers.encoders.randconv import RandomConvEncoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        twin.generate(root, seed=11, n_override=PROBE_SIZE, tasks=("pe",))
+        index = pd.read_parquet(root / "pe" / "imaging_index.parquet")
+        factors = (
+            pd.read_parquet(root / "pe" / "ground_truth" / "factors.parquet")
+            .set_index("study_id")
+            .loc[index["study_id"]]
+        )
+        data = VolumeDataset(
+            list(index["study_id"]),
+            [str(root / "pe" / p) for p in index["image_path"]],
+            SlicePreprocess(window_hu=TASKS["pe"].window_hu),
+        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            embedding, _ = encode_volumes(RandomConvEncoder(seed=0), data, batch_size=16)
+        finally:
+            torch.set_num_threads(threads)
+    return embedding, factors
+
+
+def test_clot_burden_and_ct_factors_visible_in_the_image(
+    image_probe: tuple[np.ndarray, pd.DataFrame],
+) -> None:
+    """Positive controls: the frozen image embedding shows the CT factors to a linear probe
+    (on the quick twin, clot burden reaches R^2 about 0.65)."""
+    x, f = image_probe
+    assert _probe_r2(x, f["clot_burden"].to_numpy()) > 0.3
+    assert _probe_r2(x, f["pa_dilation"].to_numpy()) > 0.5
+
+
+def test_ehr_only_factors_invisible_in_the_image(
+    image_probe: tuple[np.ndarray, pd.DataFrame],
+) -> None:
+    """An EHR-only factor, once what the CT-visible factors predict of it (the copula's
+    correlation) is removed, cannot be recovered from the image embedding (R^2 near 0)."""
+    x, f = image_probe
+    ct = f[_visible("ct", f)].to_numpy()
+    for name in ("cancer", "chronic_lung_disease", "diabetes", "frailty", "renal_dysfunction"):
+        assert twin.VISIBILITY[name] == ("ehr",)
+        r2 = _probe_r2(x, _residual(f[name].to_numpy(), ct))
+        assert r2 < 0.05, (name, r2)
+
+
+@pytest.fixture(scope="module")
+def ehr_probe() -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """One-hot EHR features of the cohorts of a twin without volumes, with their factors."""
+    import tempfile
+
+    from helpers import cohort as hc
+    from helpers.ehr import onehot_features
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        twin.generate(root, seed=12, n_override={"internal": 700, "external": 150}, images=False)
+        for task in ("pe", "mace"):
+            con = hc.connect_omop(root / task / "omop")
+            index = hc.read_imaging_index(root / task / "imaging_index.parquet")
+            built = hc.build_cohort(con, index, task, imaging_root=root / task, check_files=False)
+            feats = onehot_features(con, built.cohort, task).features.set_index("study_id")
+            con.close()
+            factors = (
+                pd.read_parquet(root / task / "ground_truth" / "factors.parquet")
+                .set_index("study_id")
+                .loc[feats.index]
+            )
+            out[task] = (feats, factors)
+    return out
+
+
+@pytest.mark.parametrize(("task", "ct_only"), [("pe", "clot_burden"), ("mace", "coronary_calcium")])
+def test_ct_only_factors_invisible_in_the_records(
+    ehr_probe: dict[str, tuple[pd.DataFrame, pd.DataFrame]], task: str, ct_only: str
+) -> None:
+    """A CT-only factor, once what the EHR-visible factors predict of it is removed, cannot be
+    recovered from the one-hot EHR features; EHR factors can (positive control)."""
+    feats, f = ehr_probe[task]
+    x = feats.to_numpy(dtype=np.float64)
+    assert twin.VISIBILITY[ct_only] == ("ct",)
+    residual = _residual(f[ct_only].to_numpy(), f[_visible("ehr", f)].to_numpy())
+    r2 = _probe_r2(x, residual)
+    assert r2 < 0.05, (task, ct_only, r2)
+    assert _probe_r2(x, f["renal_dysfunction"].to_numpy()) > 0.2
+    assert _probe_r2(x, f["diabetes"].to_numpy()) > 0.3
+
+
+@pytest.mark.parametrize("task", ["pe", "mace"])
+def test_chapter_views_show_no_identifiers(tiny: tuple[Path, dict], task: str) -> None:
+    """The chapter's figures and tables build, and no text in them holds a study id, person
+    id, source value or calendar date."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers import twin_views as views
+
+    root, summary = tiny
+    info = summary["tasks"][task]
+    d = root / task
+    fig_ct = views.ct_examples(d, task)
+    assert len(fig_ct.axes) == 4 * 3
+    fig_tl, first = views.ehr_timeline(d, task)
+    assert "days relative to the index CT" in fig_tl.axes[0].get_xlabel()
+    fig_km = views.km_by_institution(d, task)
+    tables = [
+        first,
+        views.knob_table(info),
+        views.factor_table(task, 0.5),
+        views.event_rate_table(info),
+    ]
+    assert views.factor_table(task, 0.5).loc["cancer", "EHR"] == "yes"
+    assert set(views.event_rate_table(info)["studies"]) == {TINY["internal"], TINY["external"]}
+    texts = [t.to_string() for t in tables]
+    for fig in (fig_ct, fig_tl, fig_km):
+        texts += [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+        plt.close(fig)
+    text = "\n".join(texts)
+    index = pd.read_parquet(d / "imaging_index.parquet")
+    person = _table(root, task, "person")
+    for value in [*index["study_id"], *person["person_source_value"]]:
+        assert value not in text
+    for value in person["person_id"].astype(str):
+        assert not re.search(rf"\b{value}\b", text)
+    assert not re.search(r"\b(19|20)\d\d-\d\d-\d\d\b", text)
+
+
+def test_factor_effects_follow_the_design() -> None:
+    rows = {r["factor"]: r for r in twin.factor_effects("pe", image_share=0.5)}
+    assert rows["clot_burden"]["image_term"] > 0 and rows["clot_burden"]["ehr_term"] == 0
+    assert rows["cancer"]["ehr_term"] > 0 and rows["cancer"]["image_term"] == 0
+    assert rows["clot_burden"]["interaction"] == "core"
+    assert rows["cancer"]["interaction"] == "modifier"
+    only_ehr = {r["factor"]: r for r in twin.factor_effects("mace", image_share=0.0)}
+    assert all(r["image_term"] == 0 for r in only_ehr.values())
+    with pytest.raises(ValueError, match=r"image_share must be in \[0, 1\]"):
+        twin.factor_effects("pe", image_share=2.0)
