@@ -47,7 +47,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters. ``l2`` is lambda in the objective; ``patience`` counts epochs
+    """Training hyper-parameters. ``l2`` is lambda in the objective; ``stop_on`` is the
+    early-stopping criterion on the validation split (``"loss"``: the survival loss, or
+    ``"c_index"``: Harrell's C); ``patience`` counts epochs
     without a better validation loss before stopping; ``loss`` is ``"cox"`` or ``"weibull"``.
 
     Fusion options (see ``helpers.fusion``): ``d_model`` (token width = d_k with one head),
@@ -63,6 +65,7 @@ class TrainConfig:
 
     lr: float = 1e-3
     l2: float = 1e-4
+    stop_on: str = "loss"
     batch_size: int = 256
     max_epochs: int = 100
     patience: int = 10
@@ -215,6 +218,8 @@ def _align(model: SurvivalModel, train: dict, val: dict, n_train: int, n_val: in
 
 def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: int) -> FitResult:
     """Train ``fusion`` on ``train`` with early stopping on ``val``; returns the best model."""
+    if config.stop_on not in ("loss", "c_index"):
+        raise ValueError(f"parameter 'stop_on': unknown value {config.stop_on!r}; expected one of loss, c_index")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     d_img = train.img.shape[1] if train.img is not None else 0
@@ -260,8 +265,10 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
         v_loss = float(_loss(model, v_out, v_event, v_time))
         v_c = harrell_c(time=val.time, event=val.event, risk=model.risk(v_out).double().numpy())
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v_loss, "val_c_index": v_c})
-        if v_loss < best[0] - 1e-6:
-            best = (v_loss, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        # lower is better for both criteria
+        criterion = v_loss if config.stop_on == "loss" else -v_c
+        if criterion < best[0] - 1e-6:
+            best = (criterion, epoch, {k: v.clone() for k, v in model.state_dict().items()})
         elif epoch - best[1] >= config.patience:
             break
     model.load_state_dict(best[2])

@@ -82,3 +82,12 @@ def test_linear_cox_matches_lifelines_on_gbsg2():
     result = fit("ehr_only", train, train, config=config, seed=0)
     c_ours = harrell_c(time=test.time, event=test.event, risk=predict(result.model, test))
     assert abs(c_ours - c_ref) < 0.01, (c_ours, c_ref)
+
+
+def test_early_stopping_on_the_validation_c_index():
+    train, val = _toy(300, 10), _toy(120, 11)
+    result = fit("concat", train, val, config=TrainConfig(max_epochs=12, patience=3, stop_on="c_index"), seed=0)
+    history = result.history
+    assert result.best_epoch == int(history.loc[history["val_c_index"].idxmax(), "epoch"])
+    with pytest.raises(ValueError, match="parameter 'stop_on': unknown value 'auc'"):
+        fit("concat", train, val, config=TrainConfig(stop_on="auc"), seed=0)
