@@ -40,6 +40,7 @@ __all__ = [
     "GRID_EHR_REPRS",
     "GRID_FUSIONS",
     "GRID_SEEDS",
+    "grid_seeds",
     "parse_only",
     "plan",
     "run_nodes",
@@ -56,7 +57,17 @@ GRID_EHR_REPRS: tuple[str, ...] = ("onehot",)
 GRID_FUSIONS: tuple[str, ...] = (
     "image_only", "ehr_only", "concat", "contrastive", "cross_attention", "coattn_image_guided", "coattn_ehr_guided",
 )
-GRID_SEEDS: tuple[int, ...] = (0,)
+# Training seeds per twin profile: several on the paper-sized twin, so that seed-to-seed
+# variation can be shown apart from test-set sampling variation; one on the quick twin (tests,
+# workshops). Real data (no profile) uses the paper-sized grid.
+GRID_SEEDS: dict[str, tuple[int, ...]] = {"quick": (0,), "paper": (0, 1, 2)}
+
+
+def grid_seeds(manifest: Manifest) -> tuple[int, ...]:
+    """The training seeds of the grid for this manifest."""
+    if manifest.data.source == "synthetic":
+        return GRID_SEEDS[manifest.synthetic.profile]
+    return GRID_SEEDS["paper"]
 IMAGE_ENCODER = IMAGE_ENCODERS[0]
 _ONLY_KEYS = ("task", "ehr_repr", "fusion", "seed")
 
@@ -125,7 +136,7 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
     only = only or {}
     for key, values in only.items():
         allowed = {"task": set(TASKS), "fusion": set(GRID_FUSIONS), "ehr_repr": set(GRID_EHR_REPRS) | {UNIMODAL_IMAGE},
-                   "seed": {str(s) for s in GRID_SEEDS}}[key]
+                   "seed": {str(s) for s in grid_seeds(manifest)}}[key]
         unknown = values - allowed
         if unknown:
             raise ValueError(f"--only {key}: unknown value(s) {', '.join(sorted(unknown))}; this grid has {', '.join(sorted(allowed))}")
@@ -158,7 +169,7 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
         for fusion in GRID_FUSIONS:
             reprs = [UNIMODAL_IMAGE] if fusion == "image_only" else list(GRID_EHR_REPRS)
             for ehr_repr in reprs:
-                for seed in GRID_SEEDS:
+                for seed in grid_seeds(manifest):
                     labels = {"task": task, "ehr_repr": ehr_repr, "fusion": fusion, "seed": str(seed)}
                     if any(k in labels and labels[k] not in v for k, v in only.items()):
                         continue

@@ -92,3 +92,10 @@ def test_toc_lists_only_the_notebooks_that_ran(manifest):
     assert not any(f.startswith("generated/pe/") for f in files)
     assert "generated/mace/03_train/none/image_only/seed-0" in per_task
     assert len(per_task) == sum(1 for n in nodes if n.labels.get("task") == "mace")
+
+
+def test_seeds_follow_the_profile(manifest):
+    quick = [n for n in study.plan(manifest, manifest.path) if n.notebook == "03_train.ipynb"]
+    paper = [n for n in study.plan(manifest.with_profile("paper"), manifest.path) if n.notebook == "03_train.ipynb"]
+    assert {n.params["seed"] for n in quick} == {0}
+    assert {n.params["seed"] for n in paper} == {0, 1, 2} and len(paper) == 3 * len(quick)
