@@ -21,7 +21,7 @@ import pandas as pd
 
 from helpers.manifest import Manifest, ManifestError
 from helpers.tasks import Task, get_task
-from helpers.vocabulary import concepts_in_group
+from helpers.vocabulary import OMOP_TABLES, concepts_in_group
 
 __all__ = [
     "OMOP_TABLES",
@@ -40,17 +40,6 @@ __all__ = [
     "cohort_paths",
 ]
 
-OMOP_TABLES = (
-    "person",
-    "observation_period",
-    "visit_occurrence",
-    "condition_occurrence",
-    "drug_exposure",
-    "measurement",
-    "procedure_occurrence",
-    "death",
-    "concept",
-)
 IMAGING_INDEX_COLUMNS = (
     "study_id",
     "person_id",

@@ -138,17 +138,7 @@ VISIBILITY: dict[str, tuple[str, ...]] = {
     "rv_strain": ("ct", "ehr"),  # RV size; troponin, NT-proBNP, pulse, SpO2, I26.09
 }
 
-OMOP_TABLE_NAMES: tuple[str, ...] = (
-    "person",
-    "observation_period",
-    "visit_occurrence",
-    "condition_occurrence",
-    "drug_exposure",
-    "measurement",
-    "procedure_occurrence",
-    "death",
-    "concept",
-)
+OMOP_TABLE_NAMES: tuple[str, ...] = voc.OMOP_TABLES
 
 _DAY = 86_400  # seconds
 _EPOCH_2015 = int(np.datetime64("2015-01-01T00:00:00", "s").astype(np.int64))

@@ -31,11 +31,25 @@ __all__ = [
     "VISIT_ER",
     "TYPE_EHR",
     "LOCAL_ID_BASE",
+    "OMOP_TABLES",
     "concept_table",
     "concepts_in_group",
 ]
 
 LOCAL_ID_BASE = 2_000_000_000
+
+# The OMOP CDM v5.4 tables the study reads (and the digital twin writes).
+OMOP_TABLES: tuple[str, ...] = (
+    "person",
+    "observation_period",
+    "visit_occurrence",
+    "condition_occurrence",
+    "drug_exposure",
+    "measurement",
+    "procedure_occurrence",
+    "death",
+    "concept",
+)
 
 # Standard OMOP concept ids (real values from the OMOP standardized vocabularies).
 GENDER_MALE = 8507
