@@ -463,6 +463,14 @@ def _bootstrap_values(
     return values, n_redrawn
 
 
+def _percentile_result(estimate: float, samples: np.ndarray, *, alpha: float, n_boot: int, n_redrawn: int) -> BootstrapResult:
+    """The percentile interval of bootstrap ``samples`` around ``estimate``."""
+    lower, upper = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    return BootstrapResult(
+        estimate=estimate, lower=float(lower), upper=float(upper), n_boot=n_boot, n_redrawn=n_redrawn, samples=samples
+    )
+
+
 def bootstrap_ci(
     time: object,
     event: object,
@@ -515,16 +523,7 @@ def bootstrap_ci(
     generator = _as_generator(rng)
     estimate = harrell_c(time_arr, event_arr, risk_arr)
     values, n_redrawn = _bootstrap_values(time_arr, event_arr, [risk_arr], n_boot, generator)
-    samples = values[:, 0]
-    lower, upper = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
-    return BootstrapResult(
-        estimate=estimate,
-        lower=float(lower),
-        upper=float(upper),
-        n_boot=n_boot,
-        n_redrawn=n_redrawn,
-        samples=samples,
-    )
+    return _percentile_result(estimate, values[:, 0], alpha=alpha, n_boot=n_boot, n_redrawn=n_redrawn)
 
 
 def paired_bootstrap_test(
@@ -1102,16 +1101,7 @@ def bootstrap_metric(
         return np.array([fn(**rows)])
 
     values, n_redrawn = _draw_values(evaluate, n, n_train, n_boot, generator)
-    samples = values[:, 0]
-    lower, upper = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
-    return BootstrapResult(
-        estimate=estimate,
-        lower=float(lower),
-        upper=float(upper),
-        n_boot=n_boot,
-        n_redrawn=n_redrawn,
-        samples=samples,
-    )
+    return _percentile_result(estimate, values[:, 0], alpha=alpha, n_boot=n_boot, n_redrawn=n_redrawn)
 
 
 def paired_bootstrap_metric(

@@ -67,6 +67,7 @@ from pydicom.uid import generate_uid
 from scipy.special import ndtri
 
 from helpers import vocabulary as voc
+from helpers.cohort import IMAGING_INDEX_COLUMNS
 from helpers.imaging import Volume, write_dicom_series, write_nifti
 from helpers.tasks import TASKS
 
@@ -1938,17 +1939,7 @@ def _generate_task(
     for name, table in tables.items():
         pq.write_table(table, tmp / "omop" / f"{name}.parquet")
 
-    index_cols: dict[str, list[Any]] = {
-        k: []
-        for k in (
-            "study_id",
-            "person_id",
-            "institution",
-            "study_datetime",
-            "image_path",
-            "image_format",
-        )
-    }
+    index_cols: dict[str, list[Any]] = {k: [] for k in IMAGING_INDEX_COLUMNS}
     gt: dict[str, list[Any]] = {}
     rates: dict[str, Any] = {}
     counts: dict[str, Any] = {}
