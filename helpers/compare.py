@@ -141,10 +141,7 @@ def score_runs(
     cohort (the tests behind one column of Table 1; the oracle is not tested).
     Each (split, comparison) draws from ``numpy.random.default_rng([seed, ...])``."""
     outcome = cohort.set_index("study_id")[["time", "event", "split"]]
-    preds = {}
-    for row in runs.itertuples(index=False):
-        frame = pd.read_parquet(Path(row.path) / "predictions.parquet")
-        preds[(row.ehr_repr, row.fusion, row.seed)] = frame.set_index("study_id")["risk"]
+    preds = {key: frame["risk"] for key, frame in read_predictions(runs).items()}
     if oracle is not None:
         preds[("oracle", "oracle", 0)] = oracle
     out = []
