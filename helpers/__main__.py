@@ -1,4 +1,4 @@
-"""Command line: ``python -m helpers {manifest check,twin,study}``."""
+"""Command line: ``python -m helpers {manifest check,twin,pretrain,study}``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,29 @@ def _twin(args: argparse.Namespace) -> int:
     print(f"digital twin ({args.profile}, seed {args.seed}) written to {args.out} in {time.perf_counter() - started:.1f} s")
     for task, info in summary.items():
         print(f"  {task}: {info}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from helpers.cohort import cohort_paths
+    from helpers.manifest import load
+    from helpers.pretrain import pretrain
+
+    manifest = load(args.manifest)
+    if args.profile is not None:
+        manifest = manifest.with_profile(args.profile)
+    for task in args.tasks:
+        if not cohort_paths(manifest, task)["cohort"].is_file():
+            raise ValueError(f"task {task!r}: no cohort at {cohort_paths(manifest, task)['cohort']}; build it first "
+                             f"(python -m helpers study --only task={task}, or notebooks/01_cohort.ipynb)")
+        result = pretrain(manifest, task, args.encoder, progress=lambda it, **kw: tqdm(it, **kw))
+        last = result.history.groupby("split")["loss"].last().to_dict()
+        print(f"{task}: {args.encoder} pretrained in {result.seconds:.0f} s, final loss "
+              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())))
+        print(f"  checkpoint {result.checkpoint}\n  to pin it in the manifest: path: {result.checkpoint}, "
+              f"sha256: {result.sha256}")
     return 0
 
 
@@ -66,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     twin.add_argument("--out", required=True)
     twin.set_defaults(func=_twin)
 
+    pre = sub.add_parser("pretrain", help="pretrain a built-in foundation model (ct_mae, clmbr_mini) on the cohort")
+    pre.add_argument("encoder", help="the manifest's name of the encoder (an entry of kind ct_mae or clmbr_mini)")
+    pre.add_argument("--task", dest="tasks", action="append", choices=["pe", "mace"],
+                     help="task(s) to pretrain for (repeat; default both)")
+    pre.add_argument("--manifest", default="data_manifest.yaml")
+    pre.add_argument("--profile", choices=["quick", "paper"], default=None, help="digital-twin size (default: the manifest's)")
+    pre.set_defaults(func=_pretrain, tasks=None)
+
     study = sub.add_parser("study", help="run the study grid with papermill and build the book")
     study.add_argument("--profile", choices=["quick", "paper"], default=None,
                        help="digital-twin size (default: the manifest's)")
@@ -76,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     study.set_defaults(func=_study)
 
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is _pretrain and not args.tasks:
+        args.tasks = ["pe", "mace"]
     try:
         return args.func(args)
     except ValueError as err:  # ManifestError, ParameterError, CohortError, ... : one clear line

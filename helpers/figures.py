@@ -10,7 +10,8 @@ from lifelines import KaplanMeierFitter
 from lifelines.statistics import multivariate_logrank_test
 
 __all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest",
-           "difference_forest", "calibration_plot", "km_by_risk_tertile"]
+           "difference_forest", "calibration_plot", "km_by_risk_tertile", "pretraining_curves", "reconstruction_grid",
+           "probe_bars"]
 
 
 def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -182,4 +183,53 @@ def km_by_risk_tertile(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *,
     ax.set_title(f"{title}\nlog-rank test, 3 groups: chi2 = {test.test_statistic:.1f}, p = {test.p_value:.2g}", fontsize=10)
     fig.tight_layout()
     fig.logrank_p = float(test.p_value)
+    return fig
+
+
+def pretraining_curves(history: pd.DataFrame, *, title: str, ylabel: str = "loss") -> plt.Figure:
+    """Self-supervised pretraining loss per epoch, train and validation (``history`` has
+    columns epoch, split, loss)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for split, part in history.groupby("split", sort=True):
+        ax.plot(part["epoch"], part["loss"], marker="o", ms=3, label=split)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_grid(original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, *, title: str,
+                        n: int = 4) -> plt.Figure:
+    """Rows: windowed slices, what the masked autoencoder saw, what it reconstructed."""
+    n = min(n, len(original))
+    fig, axes = plt.subplots(3, n, figsize=(2.0 * n, 6.2), squeeze=False)
+    for row, (images, label) in enumerate(((original, "slice"), (masked, "visible patches"),
+                                           (reconstruction, "reconstruction"))):
+        for col in range(n):
+            ax = axes[row, col]
+            ax.imshow(np.asarray(images[col]).squeeze(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def probe_bars(probes: pd.DataFrame, *, title: str) -> plt.Figure:
+    """Linear-probe scores per factor: R^2 of continuous factors (left, chance 0) and AUC of
+    binary ones (right, chance 0.5); bars of factors the CT shows in blue, others orange."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    for ax, metric, floor in ((axes[0], "R2", 0.0), (axes[1], "AUC", 0.5)):
+        part = probes[(probes["metric"] == metric) & probes["score"].notna()]
+        labels = [f"{f} ({s})" for f, s in zip(part["factor"], part["shown_by"], strict=True)]
+        ax.barh(labels, part["score"], color=["tab:blue" if "CT" in s else "tab:orange" for s in part["shown_by"]])
+        ax.axvline(floor, color="k", lw=0.8)
+        ax.set_xlabel(f"cross-validated {'R²' if metric == 'R2' else 'AUC'}")
+        ax.set_xlim(min(floor, float(part["score"].min()) if len(part) else floor) - 0.05, 1.0)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig

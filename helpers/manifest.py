@@ -25,6 +25,9 @@ __all__ = [
     "OmopSource",
     "ImagingSource",
     "EncoderSpec",
+    "ENCODER_KINDS",
+    "PRETRAINED_KINDS",
+    "default_checkpoint",
     "Splits",
     "load",
     "dump",
@@ -92,13 +95,29 @@ class DataSource(_Strict):
     omop: OmopSource | None = None
 
 
-class EncoderSpec(_Strict):
-    """A frozen encoder. ``builtin`` encoders need no checkpoint; the others name a local
-    ``path`` (file or folder) and its ``sha256`` (see ``sha256_path``)."""
+ENCODER_KINDS = ("builtin", "hf", "medimageinsight", "ct_mae", "clmbr_mini", "clmbr", "table")
+# kinds pretrained by the study itself (``python -m helpers pretrain``): their path is optional
+PRETRAINED_KINDS = ("ct_mae", "clmbr_mini")
 
-    kind: Literal["builtin", "hf", "medimageinsight", "ct_mae", "clmbr_mini", "clmbr"]
+
+class EncoderSpec(_Strict):
+    """A frozen encoder, or an embedding table brought by the user.
+
+    * ``builtin``: needs no checkpoint (``randconv`` image, ``onehot`` EHR).
+    * ``ct_mae``, ``clmbr_mini``: the study's own small foundation models. Without ``path``,
+      the checkpoint that ``python -m helpers pretrain`` writes under
+      ``<outputs>/checkpoints/<task>/<name>`` is used (its sha256 is recorded next to it); with
+      ``path`` and ``sha256``, that checkpoint.
+    * ``hf`` (a local transformers vision model folder), ``medimageinsight`` (its code and
+      weights), ``clmbr`` (CLMBR-T-base through femr; ``python`` is the interpreter of the femr
+      environment), ``table`` (a ready embedding table, DESIGN.md format): ``path`` and its
+      ``sha256`` (see ``sha256_path``) are required.
+    """
+
+    kind: Literal["builtin", "hf", "medimageinsight", "ct_mae", "clmbr_mini", "clmbr", "table"]
     path: Path | None = None
     sha256: str | None = None
+    python: Path | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -109,8 +128,14 @@ class EncoderSpec(_Strict):
 
 
 class Encoders(_Strict):
-    image: dict[str, EncoderSpec] = Field(default_factory=dict)
-    ehr: dict[str, EncoderSpec] = Field(default_factory=dict)
+    """Image and EHR encoders by name. Left out, each modality gets the study's built-in ones:
+    image ``ct_mae`` (pretrained by the study; the first is the one fusion models use) and
+    ``randconv``; EHR ``onehot`` and ``clmbr`` (kind ``clmbr_mini``)."""
+
+    image: dict[str, EncoderSpec] = Field(
+        default_factory=lambda: {"ct_mae": EncoderSpec(kind="ct_mae"), "randconv": EncoderSpec(kind="builtin")})
+    ehr: dict[str, EncoderSpec] = Field(
+        default_factory=lambda: {"onehot": EncoderSpec(kind="builtin"), "clmbr": EncoderSpec(kind="clmbr_mini")})
 
 
 class Splits(_Strict):
@@ -171,6 +196,13 @@ class Manifest(_Strict):
         return self.model_copy(update={"data": data})
 
 
+def default_checkpoint(manifest: Manifest, task: str, name: str) -> Path:
+    """Where ``python -m helpers pretrain`` writes the study's own checkpoint of encoder
+    ``name`` for ``task``: ``<run_root>/checkpoints/<task>/<name>`` (its sha256 in
+    ``<name>.json`` next to it)."""
+    return manifest.run_root / "checkpoints" / task / name
+
+
 def sha256_path(path: Path) -> str:
     """sha256 of a file, or of a folder (every file under it, in sorted relative-path order,
     hashed as its relative path followed by its bytes)."""
@@ -227,7 +259,8 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
     for modality in ("image", "ehr"):
         specs = getattr(manifest.encoders, modality)
         encoders[modality] = {
-            name: spec.model_copy(update={"path": _resolve(base, spec.path)}) if spec.path else spec
+            name: spec.model_copy(update={key: _resolve(base, getattr(spec, key))
+                                          for key in ("path", "python") if getattr(spec, key)})
             for name, spec in specs.items()
         }
     return manifest.model_copy(
@@ -256,11 +289,19 @@ def _verify(manifest: Manifest) -> None:
     for modality in ("image", "ehr"):
         for name, spec in getattr(manifest.encoders, modality).items():
             key = f"encoders.{modality}.{name}"
+            if spec.python is not None and spec.kind != "clmbr":
+                missing.append(f"{key}.python: only an encoder of kind 'clmbr' takes an interpreter")
+            elif spec.python is not None and not spec.python.is_file():
+                missing.append(f"{key}.python: {spec.python} is not a file (the femr environment's python)")
             if spec.kind == "builtin":
                 if spec.path is not None:
                     missing.append(f"{key}.path: a builtin encoder takes no path")
                 continue
             if spec.path is None:
+                if spec.kind in PRETRAINED_KINDS:
+                    if spec.sha256 is not None:
+                        missing.append(f"{key}.sha256: given without a path (the study's own checkpoint is hashed when it is pretrained)")
+                    continue
                 missing.append(f"{key}.path: required for an encoder of kind {spec.kind!r}")
             elif not spec.path.exists():
                 missing.append(f"{key}.path: {spec.path} does not exist")
@@ -339,7 +380,12 @@ def summary(manifest: Manifest) -> str:
             lines.append(f"  {task}: imaging index {src.index}, root {src.root}")
     for modality in ("image", "ehr"):
         for name, spec in getattr(manifest.encoders, modality).items():
-            where = f"{spec.path} (sha256 {spec.sha256[:12]}..., verified)" if spec.path and spec.sha256 else "built in"
+            if spec.path and spec.sha256:
+                where = f"{spec.path} (sha256 {spec.sha256[:12]}..., verified)"
+            elif spec.kind in PRETRAINED_KINDS:
+                where = f"pretrained by the study into {manifest.run_root / 'checkpoints' / '<task>' / name}"
+            else:
+                where = "built in"
             lines.append(f"encoder {modality}/{name}: {spec.kind}, {where}")
     sp = manifest.splits
     fractions = ", ".join(f"{t} {f:.3f}" for t, f in sp.test_fraction.items())

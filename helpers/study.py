@@ -28,8 +28,7 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 from tqdm.auto import tqdm
 
-from helpers.encoders import EHR_ENCODERS, IMAGE_ENCODERS
-from helpers.manifest import Manifest, dump
+from helpers.manifest import PRETRAINED_KINDS, Manifest, ManifestError, default_checkpoint, dump
 from helpers.manifest import load as load_manifest
 from helpers.tasks import TASKS, UNIMODAL_IMAGE
 
@@ -53,7 +52,10 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 BOOK = PROJECT_ROOT / "book"
 
 # The grid of this version of the study.
-GRID_EHR_REPRS: tuple[str, ...] = ("onehot",)
+# EHR representations: each must be an entry of the manifest's ``encoders.ehr``. The image
+# encoder of the fusion models is the manifest's first ``encoders.image`` entry; every other
+# image encoder listed there is extracted (and probed in the book) for comparison.
+GRID_EHR_REPRS: tuple[str, ...] = ("onehot", "clmbr")
 GRID_FUSIONS: tuple[str, ...] = (
     "image_only", "ehr_only", "concat", "contrastive", "cross_attention", "coattn_image_guided", "coattn_ehr_guided",
 )
@@ -68,7 +70,6 @@ def grid_seeds(manifest: Manifest) -> tuple[int, ...]:
     if manifest.data.source == "synthetic":
         return GRID_SEEDS[manifest.synthetic.profile]
     return GRID_SEEDS["paper"]
-IMAGE_ENCODER = IMAGE_ENCODERS[0]
 _ONLY_KEYS = ("task", "ehr_repr", "fusion", "seed")
 
 
@@ -140,6 +141,14 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
         unknown = values - allowed
         if unknown:
             raise ValueError(f"--only {key}: unknown value(s) {', '.join(sorted(unknown))}; this grid has {', '.join(sorted(allowed))}")
+    image_encoders = list(manifest.encoders.image)
+    if not image_encoders:
+        raise ManifestError(f"{manifest.path}: encoders.image: the study needs at least one image encoder")
+    image_encoder = image_encoders[0]
+    absent = [r for r in GRID_EHR_REPRS if r not in manifest.encoders.ehr]
+    if absent:
+        raise ManifestError(f"{manifest.path}: encoders.ehr: the study grid needs {', '.join(absent)} "
+                            f"(declared: {', '.join(manifest.encoders.ehr) or 'none'})")
     root = manifest.run_root
     mpath = str(manifest_path)
     nodes: list[Node] = []
@@ -157,13 +166,22 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
                           f"Cohort: {TASKS[task].title}", deps=cohort_deps, labels={"task": task},
                           outputs=[cohort], watch=_source_watch(manifest, task)))
         emb = {}
-        for modality, encoder in [("image", IMAGE_ENCODER)] + [("ehr", e) for e in EHR_ENCODERS if e in GRID_EHR_REPRS]:
+        for modality, encoder in [("image", e) for e in image_encoders] + [("ehr", e) for e in GRID_EHR_REPRS]:
+            deps = [f"{task}/01_cohort"]
+            entry = getattr(manifest.encoders, modality)[encoder]
+            if entry.kind in PRETRAINED_KINDS and entry.path is None:
+                checkpoint = default_checkpoint(manifest, task, encoder)
+                key = f"{task}/02_pretrain/{encoder}"
+                nodes.append(Node(key, "02_pretrain.ipynb", {"task": task, "encoder": encoder, "manifest": mpath},
+                                  f"Pretraining {encoder} ({entry.kind}): {task.upper()}", deps=[f"{task}/01_cohort"],
+                                  labels={"task": task}, outputs=[checkpoint, checkpoint.with_name(f"{encoder}.json")]))
+                deps.append(key)
             key = f"{task}/02_embeddings/{modality}-{encoder}"
             emb[(modality, encoder)] = root / "embeddings" / task / f"{modality}-{encoder}.parquet"
             nodes.append(Node(key, "02_embeddings.ipynb",
                               {"task": task, "modality": modality, "encoder": encoder, "device": "cpu",
                                "batch_size": 16, "manifest": mpath},
-                              f"Embeddings ({modality}, {encoder}): {task.upper()}", deps=[f"{task}/01_cohort"],
+                              f"Embeddings ({modality}, {encoder}): {task.upper()}", deps=deps,
                               labels={"task": task}, outputs=[emb[(modality, encoder)]]))
         trains = []
         for fusion in GRID_FUSIONS:
@@ -175,14 +193,15 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
                         continue
                     out = root / "runs" / task / ehr_repr / fusion / f"seed-{seed}"
                     ehr_key = GRID_EHR_REPRS[0] if ehr_repr == UNIMODAL_IMAGE else ehr_repr
-                    deps = [f"{task}/02_embeddings/image-{IMAGE_ENCODER}", f"{task}/02_embeddings/ehr-{ehr_key}"]
+                    deps = [f"{task}/02_embeddings/image-{image_encoder}", f"{task}/02_embeddings/ehr-{ehr_key}"]
+                    extra = {} if ehr_key == "onehot" else {"ehr_tokens": "chunk"}
                     key = f"{task}/03_train/{ehr_repr}/{fusion}/seed-{seed}"
                     nodes.append(Node(key, "03_train.ipynb",
                                       {"task": task, "ehr_repr": ehr_repr, "fusion": fusion, "seed": seed,
                                        "cohort_path": str(cohort),
-                                       "image_embeddings": str(emb[("image", IMAGE_ENCODER)]),
+                                       "image_embeddings": str(emb[("image", image_encoder)]),
                                        "ehr_embeddings": str(emb[("ehr", ehr_key)]),
-                                       "output_dir": str(out), "manifest": mpath},
+                                       "output_dir": str(out), "manifest": mpath, **extra},
                                       f"Training: {task.upper()}, {fusion}" + ("" if ehr_repr == UNIMODAL_IMAGE else f" ({ehr_repr})") + f", seed {seed}",
                                       deps=deps, labels=labels, outputs=[out / "metrics.json"]))
                     trains.append(key)

@@ -36,7 +36,8 @@ def test_plan_covers_the_grid_in_dependency_order(manifest):
 def test_only_restricts_and_keeps_dependencies(manifest):
     nodes = study.plan(manifest, manifest.path, study.parse_only("task=pe,fusion=concat"))
     assert {n.labels.get("task") for n in nodes} <= {"pe", None}
-    assert [n.params["fusion"] for n in nodes if n.notebook == "03_train.ipynb"] == ["concat"]
+    assert [(n.params["fusion"], n.params["ehr_repr"]) for n in nodes if n.notebook == "03_train.ipynb"] == [
+        ("concat", r) for r in study.GRID_EHR_REPRS]
     assert any(n.notebook == "01_cohort.ipynb" for n in nodes)
     with pytest.raises(ValueError, match="--only fusion: unknown value"):
         study.plan(manifest, manifest.path, study.parse_only("fusion=late"))

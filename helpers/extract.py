@@ -1,0 +1,246 @@
+"""Embedding extraction for one task, modality and encoder named in the manifest.
+
+``extract(manifest, task, modality, name)`` is what ``02_embeddings.ipynb`` and
+``benchmarks/embeddings.py`` run: it reads the cohort, builds the frozen encoder that
+``manifest.encoders.<modality>.<name>`` declares (its ``kind`` says which), encodes every
+study and writes ``embeddings/<task>/<modality>-<name>.parquet`` (DESIGN.md format) with the
+encoder, its checkpoint hash and its preprocessing in the table's metadata. A ``table`` entry
+(bring your own embeddings) is checked against the cohort and copied in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from helpers import cohort as hc
+from helpers.embeddings import EmbeddingError, embedding_path, read_embeddings, write_embeddings
+from helpers.manifest import (
+    PRETRAINED_KINDS,
+    EncoderSpec,
+    Manifest,
+    ManifestError,
+    default_checkpoint,
+    sha256_path,
+)
+from helpers.tasks import check_choice, get_task
+
+__all__ = ["Extraction", "encoder_spec", "checkpoint_for", "extract", "meds_dir", "ensure_meds"]
+
+MODALITIES = ("image", "ehr")
+
+
+@dataclass
+class Extraction:
+    """What ``extract`` did: the table path, the encoder's description, counts and timings."""
+
+    path: Path
+    modality: str
+    name: str
+    kind: str
+    n_studies: int
+    dim: int
+    seconds: float
+    metadata: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+def encoder_spec(manifest: Manifest, modality: str, name: str) -> EncoderSpec:
+    """The manifest's entry ``encoders.<modality>.<name>``; a clear error lists the declared
+    ones when it is missing."""
+    check_choice("modality", modality, MODALITIES)
+    specs = getattr(manifest.encoders, modality)
+    if name not in specs:
+        declared = ", ".join(specs) or "none"
+        raise ManifestError(
+            f"{manifest.path}: parameter 'encoder': {name!r} is not declared under encoders.{modality} "
+            f"(declared: {declared})"
+        )
+    return specs[name]
+
+
+def checkpoint_for(manifest: Manifest, task: str, name: str, spec: EncoderSpec) -> tuple[Path | None, str | None]:
+    """The checkpoint of encoder ``name`` and its sha256: the manifest's ``path`` (verified by
+    ``manifest.load``), or for the study's own models the one ``python -m helpers pretrain``
+    wrote, checked against the hash recorded when it was written."""
+    if spec.kind == "builtin":
+        return None, None
+    if spec.path is not None:
+        return spec.path, spec.sha256
+    if spec.kind not in PRETRAINED_KINDS:
+        raise ManifestError(f"{manifest.path}: encoders.*.{name}.path: required for kind {spec.kind!r}")
+    path = default_checkpoint(manifest, task, name)
+    record = path.with_name(f"{path.name}.json")
+    if not path.is_dir() or not record.is_file():
+        raise FileNotFoundError(
+            f"encoder {name!r} ({spec.kind}) for task {task!r}: no checkpoint at {path}; pretrain it first with "
+            f"`python -m helpers pretrain {name} --task {task}` (or run notebooks/02_pretrain.ipynb)"
+        )
+    expected = json.loads(record.read_text())["sha256"]
+    actual = sha256_path(path)
+    if actual != expected:
+        raise ManifestError(
+            f"encoder {name!r} for task {task!r}: checkpoint {path} has sha256 {actual}, but {record.name} recorded "
+            f"{expected} when it was written (changed or partly written; pretrain it again)"
+        )
+    return path, actual
+
+
+def meds_dir(manifest: Manifest, task: str) -> Path:
+    """Where the task's OMOP records are exported in MEDS: ``<run_root>/meds/<task>``."""
+    return manifest.run_root / "meds" / task
+
+
+def _omop_signature(tables: Path) -> list[str]:
+    files = [tables] if tables.is_file() else sorted(tables.glob("*.parquet"))
+    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+
+
+def ensure_meds(manifest: Manifest, task: str) -> Path:
+    """Export the task's OMOP records to MEDS (once: the export is redone only when the OMOP
+    files change). Returns the MEDS folder."""
+    from helpers.meds import omop_to_meds, write_meds
+
+    tables, _, _ = hc.imaging_source(manifest, task)
+    out = meds_dir(manifest, task)
+    stamp = out.with_name(f"{out.name}.json")
+    signature = _omop_signature(Path(tables))
+    if out.is_dir() and stamp.is_file() and json.loads(stamp.read_text()).get("omop") == signature:
+        return out
+    con = hc.connect_omop(tables)
+    try:
+        events = omop_to_meds(con)
+    finally:
+        con.close()
+    write_meds(events, out, dataset_name=f"{task} ({manifest.data.source})")
+    stamp.write_text(json.dumps({"omop": signature}))
+    return out
+
+
+def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, paths: dict, *,
+           device: str, batch_size: int, num_workers: int, progress: Callable | None) -> tuple:
+    from helpers.encoders import SlicePreprocess, VolumeDataset, encode_volumes, image_encoder
+
+    checkpoint, sha = checkpoint_for(manifest, task, name, spec)
+    model = image_encoder(name, spec, default_checkpoint=checkpoint)
+    imaging = pd.read_parquet(paths["imaging"]).set_index("study_id")
+    missing = [s for s in cohort["study_id"] if s not in imaging.index]
+    if missing:
+        raise EmbeddingError(f"{paths['imaging']}: {len(missing)} cohort studies have no image, e.g. {', '.join(missing[:5])}")
+    imaging = imaging.loc[cohort["study_id"]]
+    preprocess = SlicePreprocess(window_hu=get_task(task).window_hu, size=model.input_size)
+    dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess)
+    stats: dict = {}
+    shard_dir = embedding_path(manifest.run_root, task, "image", name).with_suffix(".shards")
+    embedding, tokens = encode_volumes(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                                       progress=progress, shard_dir=shard_dir, stats=stats)
+    metadata = {"encoder": name, "kind": spec.kind, "modality": "image", "checkpoint": str(checkpoint) if checkpoint else None,
+                "checkpoint_sha256": sha, "model": model.describe(), "preprocessing": preprocess.describe(), "frozen": True}
+    return list(cohort["study_id"]), embedding, tokens, metadata, stats
+
+
+def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, *, device: str,
+         progress: Callable | None) -> tuple:
+    if spec.kind == "builtin":
+        if name != "onehot":
+            raise ManifestError(f"{manifest.path}: encoders.ehr.{name}: the built-in EHR encoder is 'onehot'")
+        from helpers.ehr import onehot_features
+
+        tables, _, _ = hc.imaging_source(manifest, task)
+        con = hc.connect_omop(tables)
+        try:
+            onehot = onehot_features(con, cohort, task)
+        finally:
+            con.close()
+        names = [c for c in onehot.features.columns if c != "study_id"]
+        metadata = {"encoder": name, "kind": "builtin", "modality": "ehr", "checkpoint_sha256": None, "features": names,
+                    "unusable_measurements": int(onehot.unusable_measurements["rows"].sum())
+                    if len(onehot.unusable_measurements) else 0}
+        return list(onehot.features["study_id"]), onehot.features[names].to_numpy(), None, metadata, {}
+    checkpoint, sha = checkpoint_for(manifest, task, name, spec)
+    folder = ensure_meds(manifest, task)
+    if spec.kind == "clmbr_mini":
+        from helpers.encoders.clmbr_mini import ClmbrMiniEncoder
+        from helpers.meds import read_meds
+
+        encoder = ClmbrMiniEncoder(checkpoint)
+        stats: dict = {}
+        embedding = encoder.embed(read_meds(folder), cohort, stats=stats)
+        metadata = {"encoder": name, "kind": spec.kind, "modality": "ehr", "checkpoint": str(checkpoint),
+                    "checkpoint_sha256": sha, "model": encoder.describe(), "frozen": True}
+        return list(cohort["study_id"]), embedding, None, metadata, stats
+    if spec.kind == "clmbr":
+        return _clmbr_femr(manifest, task, name, spec, cohort, folder, checkpoint, sha, device=device)
+    raise ManifestError(f"{manifest.path}: encoders.ehr.{name}: kind {spec.kind!r} is not an EHR encoder "
+                        "(expected builtin, clmbr_mini, clmbr or table)")
+
+
+def _clmbr_femr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, folder: Path,
+                checkpoint: Path, sha: str, *, device: str) -> tuple:
+    """CLMBR-T-base runs in the femr environment (``spec.python``): the cohort goes to a
+    temporary parquet, the script writes the table, which is read back and checked here."""
+    if spec.python is None:
+        raise ManifestError(f"{manifest.path}: encoders.ehr.{name}.python: required for kind 'clmbr' "
+                            "(the python of the environment built from environment-clmbr.yml)")
+    out = embedding_path(manifest.run_root, task, "ehr", name).with_suffix(".femr.parquet")
+    cohort_file = out.with_suffix(".cohort.parquet")
+    cohort[["study_id", "person_id", "index_time"]].to_parquet(cohort_file, index=False)
+    script = Path(__file__).resolve().parent / "encoders" / "clmbr_femr.py"
+    command = [str(spec.python), str(script), "--meds", str(folder), "--cohort", str(cohort_file),
+               "--model", str(checkpoint), "--out", str(out), "--device", device]
+    result = subprocess.run(command, capture_output=True, text=True)
+    cohort_file.unlink(missing_ok=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"CLMBR (femr) failed (exit {result.returncode}): {' '.join(command)}\n{tail}")
+    table = read_embeddings(out, tokens=False).align(cohort["study_id"], source=str(out))
+    out.unlink()
+    metadata = {**table.metadata, "encoder": name, "kind": "clmbr", "modality": "ehr", "checkpoint": str(checkpoint),
+                "checkpoint_sha256": sha, "frozen": True}
+    return list(table.study_ids), table.embedding, None, metadata, {}
+
+
+def _table(manifest: Manifest, modality: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame) -> tuple:
+    """Bring your own embeddings: the table is read with every check of ``read_embeddings``
+    (columns, dimension, NaN, duplicates) and must cover every cohort study."""
+    assert spec.path is not None
+    table = read_embeddings(spec.path).align(cohort["study_id"], source=f"encoders.{modality}.{name} ({spec.path})")
+    metadata = {**table.metadata, "encoder": name, "kind": "table", "modality": modality, "source_table": str(spec.path),
+                "checkpoint_sha256": spec.sha256}
+    return list(table.study_ids), table.embedding, table.tokens, metadata, {}
+
+
+def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: str = "cpu", batch_size: int = 16,
+            num_workers: int = 0, progress: Callable | None = None) -> Extraction:
+    """Encode every study of ``task``'s cohort with encoder ``name`` of ``modality`` and write
+    the embedding table. Returns an ``Extraction`` (path, description, counts, timings)."""
+    get_task(task)
+    check_choice("device", device.split(":")[0], ("cpu", "cuda"))
+    if batch_size < 1:
+        raise ValueError(f"parameter 'batch_size': must be >= 1, got {batch_size}")
+    spec = encoder_spec(manifest, modality, name)
+    paths = hc.cohort_paths(manifest, task)
+    cohort = hc.read_cohort(paths["cohort"])
+    started = time.perf_counter()
+    if spec.kind == "table":
+        ids, embedding, tokens, metadata, stats = _table(manifest, modality, name, spec, cohort)
+    elif modality == "image":
+        ids, embedding, tokens, metadata, stats = _image(manifest, task, name, spec, cohort, paths, device=device,
+                                                          batch_size=batch_size, num_workers=num_workers,
+                                                          progress=progress)
+    else:
+        ids, embedding, tokens, metadata, stats = _ehr(manifest, task, name, spec, cohort, device=device,
+                                                        progress=progress)
+    seconds = time.perf_counter() - started
+    metadata["cohort_sha256"] = sha256_path(paths["cohort"])
+    out = write_embeddings(embedding_path(manifest.run_root, task, modality, name), ids, np.asarray(embedding),
+                           tokens=tokens, metadata=metadata)
+    return Extraction(out, modality, name, spec.kind, len(ids), int(np.asarray(embedding).shape[1]), seconds,
+                      metadata, stats)

@@ -1,0 +1,106 @@
+"""Linear probes: how much of each true factor of the digital twin a frozen embedding shows.
+
+A probe is a linear model fitted on the frozen embedding to predict one factor; its
+cross-validated score says whether the encoder exposes that factor linearly (the usual test
+of a foundation model's representation). Continuous factors are scored by cross-validated
+R^2 of a ridge regression (penalty chosen inside each training fold), binary factors by the
+cross-validated AUC of the same ridge score. Folds are split by *person*, so that two studies
+of one patient never sit on both sides.
+
+Probes read the twin's ground truth, so they are evaluation only: nothing here feeds a model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["probe_scores", "probe_factors"]
+
+_ALPHAS = np.logspace(-1, 5, 13)
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    keep = x.std(axis=0) > 1e-6
+    if not keep.any():
+        raise ValueError("probe: every embedding dimension is constant")
+    x = x[:, keep]
+    return (x - x.mean(axis=0)) / x.std(axis=0)
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    """Mann-Whitney AUC with ties counted one half."""
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    ranks = rankdata(score)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def probe_scores(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None = None, binary: bool = False,
+                 folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated probe score of ``y`` from ``x`` (n, d): R^2 (continuous) or AUC
+    (``binary``). Out-of-fold predictions from a ridge regression whose penalty is chosen by
+    leave-one-out inside each training fold; folds grouped by ``groups`` (e.g. person ids)."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GroupKFold, KFold
+
+    x = _standardise(x)
+    y = np.asarray(y, dtype=np.float64)
+    if len(y) != len(x):
+        raise ValueError(f"Dimension mismatch: 'y' has {len(y)} entries but 'x' has {len(x)} rows")
+    if binary and len(np.unique(y)) != 2:
+        raise ValueError("probe: a binary factor needs both classes present")
+    if groups is not None:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        splits = splitter.split(x, y, groups)
+    else:
+        splits = KFold(folds, shuffle=True, random_state=seed).split(x)
+    pred = np.empty_like(y)
+    for train, test in splits:
+        model = RidgeCV(alphas=_ALPHAS).fit(x[train], y[train])
+        pred[test] = model.predict(x[test])
+    if binary:
+        return _auc(y, pred)
+    return float(1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def probe_factors(embedding: np.ndarray, study_ids, factors: pd.DataFrame, visibility: dict[str, tuple[str, ...]],
+                  *, institution: str | None = None, seed: int = 0) -> pd.DataFrame:
+    """Probe every factor of ``factors`` (the twin's ``ground_truth/factors.parquet``: one row
+    per study with ``study_id``, ``person_id``, ``institution`` and the factor columns) from
+    ``embedding`` (rows in the order of ``study_ids``).
+
+    ``visibility`` maps each factor to the modalities that show it (``helpers.twin.VISIBILITY``).
+    ``institution`` restricts the probe to one site (scanner and coding differ between sites).
+    Returns one row per factor: factor, shown_by, metric (``R2`` or ``AUC``), score, n.
+    Factors that are constant in these studies (e.g. clot burden outside PE) are left out and
+    listed with score NaN and the reason.
+    """
+    table = factors.set_index("study_id")
+    ids = [str(s) for s in study_ids]
+    missing = [s for s in ids if s not in table.index]
+    if missing:
+        raise ValueError(f"probe: {len(missing)} studies of the embedding have no ground-truth factors, e.g. {', '.join(missing[:5])}")
+    rows = table.loc[ids]
+    x = np.asarray(embedding, dtype=np.float64)
+    if institution is not None:
+        keep = (rows["institution"] == institution).to_numpy()
+        rows, x = rows[keep], x[keep]
+    out = []
+    for factor, shown_by in visibility.items():
+        if factor not in rows.columns:
+            continue
+        y = rows[factor].to_numpy(dtype=np.float64)
+        values = np.unique(y[np.isfinite(y)])
+        binary = set(values.tolist()) <= {0.0, 1.0}
+        base = {"factor": factor, "shown_by": " + ".join(m.upper() for m in shown_by),
+                "metric": "AUC" if binary else "R2", "n": len(y)}
+        if len(values) < 2 or not np.isfinite(y).all():
+            out.append({**base, "score": np.nan, "note": "constant or missing in these studies"})
+            continue
+        score = probe_scores(x, y, groups=rows["person_id"].astype(str).to_numpy(), binary=binary, seed=seed)
+        out.append({**base, "score": score, "note": ""})
+    return pd.DataFrame(out, columns=["factor", "shown_by", "metric", "score", "n", "note"])

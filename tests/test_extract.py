@@ -1,0 +1,128 @@
+"""Encoder entries of the manifest, extraction dispatch, bring-your-own tables, probes and the
+grid's encoder nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import study
+from helpers.embeddings import EmbeddingError, read_embeddings, write_embeddings
+from helpers.extract import checkpoint_for, encoder_spec, extract
+from helpers.manifest import ManifestError, default_checkpoint, load, sha256_path
+from helpers.pretrain import resolve_name
+from helpers.probes import probe_factors, probe_scores
+
+
+def _manifest(tmp_path: Path, encoders: dict | None = None) -> Path:
+    payload = {"version": 1, "data": {"source": "synthetic", "synthetic": {"profile": "quick"}}, "output_dir": "out"}
+    if encoders is not None:
+        payload["encoders"] = encoders
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+def _cohort(manifest, n: int = 6) -> pd.DataFrame:
+    cohort = pd.DataFrame({
+        "study_id": [f"s{i}" for i in range(n)], "person_id": [f"p{i // 2}" for i in range(n)],
+        "institution": "site_a", "index_time": pd.Timestamp("2020-01-01"), "time": np.arange(1, n + 1, dtype=float),
+        "event": [1, 0] * (n // 2), "split": "train"})
+    path = manifest.run_root / "cohorts" / "pe.parquet"
+    path.parent.mkdir(parents=True)
+    cohort.to_parquet(path, index=False)
+    return cohort
+
+
+def test_default_encoders_and_kind_rules(tmp_path):
+    m = load(_manifest(tmp_path))
+    assert list(m.encoders.image) == ["ct_mae", "randconv"] and list(m.encoders.ehr) == ["onehot", "clmbr"]
+    assert resolve_name(m, "clmbr_mini") == ("ehr", "clmbr") and resolve_name(m, "ct_mae") == ("image", "ct_mae")
+    with pytest.raises(ManifestError, match="no single encoder called or of kind 'dino'"):
+        resolve_name(m, "dino")
+    with pytest.raises(ManifestError, match=r"encoders\.image\.mine\.sha256: given without a path"):
+        load(_manifest(tmp_path, {"image": {"mine": {"kind": "ct_mae", "sha256": "0" * 64}}}))
+    with pytest.raises(ManifestError, match=r"encoders\.image\.t\.path: required for an encoder of kind 'table'"):
+        load(_manifest(tmp_path, {"image": {"t": {"kind": "table"}}}))
+    with pytest.raises(ManifestError, match=r"encoders\.image\.r\.python: only an encoder of kind 'clmbr'"):
+        load(_manifest(tmp_path, {"image": {"r": {"kind": "builtin", "python": "/usr/bin/python3"}}}))
+    with pytest.raises(ManifestError, match=r"parameter 'encoder': 'dino' is not declared under encoders\.image \(declared: ct_mae, randconv\)"):
+        encoder_spec(m, "image", "dino")
+
+
+def test_pretrained_checkpoint_is_found_and_checked(tmp_path):
+    m = load(_manifest(tmp_path))
+    spec = m.encoders.image["ct_mae"]
+    with pytest.raises(FileNotFoundError, match="python -m helpers pretrain ct_mae --task pe"):
+        checkpoint_for(m, "pe", "ct_mae", spec)
+    folder = default_checkpoint(m, "pe", "ct_mae")
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"abc")
+    record = folder.with_name("ct_mae.json")
+    record.write_text(json.dumps({"sha256": sha256_path(folder)}))
+    assert checkpoint_for(m, "pe", "ct_mae", spec) == (folder, sha256_path(folder))
+    (folder / "weights.bin").write_bytes(b"abd")
+    with pytest.raises(ManifestError, match="changed or partly written"):
+        checkpoint_for(m, "pe", "ct_mae", spec)
+
+
+def test_a_table_brought_by_the_user_is_checked_and_aligned(tmp_path):
+    rng = np.random.default_rng(0)
+    own = tmp_path / "mine.parquet"
+    ids = [f"s{i}" for i in range(7)][::-1]  # another order, one study more than the cohort
+    write_embeddings(own, ids, rng.normal(size=(7, 3)), tokens=[rng.normal(size=(2, 3)) for _ in ids],
+                     metadata={"encoder": "their-model"})
+    path = _manifest(tmp_path, {"image": {"mine": {"kind": "table", "path": "mine.parquet", "sha256": sha256_path(own)}},
+                                "ehr": {"onehot": {"kind": "builtin"}}})
+    m = load(path)
+    cohort = _cohort(m)
+    result = extract(m, "pe", "image", "mine")
+    table = read_embeddings(result.path)
+    assert list(table.study_ids) == list(cohort["study_id"]) and table.dim == 3 and len(table.tokens) == 6
+    assert table.metadata["kind"] == "table" and table.metadata["encoder"] == "mine"
+    source = read_embeddings(own).align(cohort["study_id"])
+    np.testing.assert_array_equal(table.embedding, source.embedding)
+    write_embeddings(own, ["s0", "s1"], np.ones((2, 3)))
+    path.write_text(path.read_text().replace(m.encoders.image["mine"].sha256, sha256_path(own)))
+    with pytest.raises(EmbeddingError, match="4 of 6 cohort studies have no embedding, e.g. s2, s3"):
+        extract(load(path), "pe", "image", "mine")
+
+
+def test_probes_recover_a_linear_factor_and_not_noise():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 10))
+    y = x[:, 0] - 0.5 * x[:, 1] + 0.1 * rng.normal(size=300)
+    assert probe_scores(x, y) > 0.95
+    assert probe_scores(rng.normal(size=(300, 10)), y) < 0.05
+    labels = (x[:, 2] > 0).astype(float)
+    assert probe_scores(x, labels, binary=True) > 0.9
+    groups = np.repeat(np.arange(150), 2)
+    assert probe_scores(x, y, groups=groups) > 0.95
+    factors = pd.DataFrame({"study_id": [f"s{i}" for i in range(300)], "person_id": groups.astype(str),
+                            "institution": "site_a", "clot_burden": y, "cancer": labels, "flat": 0.0})
+    out = probe_factors(x, factors["study_id"], factors, {"clot_burden": ("ct",), "cancer": ("ehr",), "flat": ("ct",)})
+    assert out.set_index("factor").loc["clot_burden", "score"] > 0.95
+    assert out.set_index("factor").loc["cancer", "metric"] == "AUC"
+    assert np.isnan(out.set_index("factor").loc["flat", "score"])
+    with pytest.raises(ValueError, match="1 studies of the embedding have no ground-truth factors, e.g. zz"):
+        probe_factors(x[:1], ["zz"], factors, {"clot_burden": ("ct",)})
+
+
+def test_grid_pretrains_then_extracts_and_uses_the_first_image_encoder(tmp_path):
+    m = load(_manifest(tmp_path))
+    nodes = {n.key: n for n in study.plan(m, m.path, study.parse_only("task=pe"))}
+    assert nodes["pe/02_embeddings/image-ct_mae"].deps == ["pe/01_cohort", "pe/02_pretrain/ct_mae"]
+    assert nodes["pe/02_embeddings/ehr-clmbr"].deps == ["pe/01_cohort", "pe/02_pretrain/clmbr"]
+    assert "pe/02_embeddings/image-randconv" in nodes and "pe/02_pretrain/randconv" not in nodes
+    trains = [n for n in nodes.values() if n.notebook == "03_train.ipynb"]
+    assert all(n.params["image_embeddings"].endswith("image-ct_mae.parquet") for n in trains)
+    clmbr = [n for n in trains if n.params["ehr_repr"] == "clmbr"]
+    assert len(clmbr) == len(study.GRID_FUSIONS) - 1 and all(n.params["ehr_tokens"] == "chunk" for n in clmbr)
+    only_onehot = load(_manifest(tmp_path, {"image": {"randconv": {"kind": "builtin"}}, "ehr": {"onehot": {"kind": "builtin"}}}))
+    with pytest.raises(ManifestError, match="encoders.ehr: the study grid needs clmbr"):
+        study.plan(only_onehot, only_onehot.path)
