@@ -1,15 +1,29 @@
-"""Speed of helpers.metrics against lifelines' concordance_index.
+"""Speed of helpers.metrics against lifelines, scikit-survival and torchsurv.
 
 Run from the repository root with one thread, e.g.::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/metrics.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/metrics.py [--sizes 1000,10000,100000]
 
-Prints wall-clock seconds (best of ``--repeats`` runs for the fast calls) at n = 1,000 and
-10,000: ``harrell_c``, ``bootstrap_ci`` and ``paired_bootstrap_test`` with 1,000 resamples, and
-lifelines' ``concordance_index(time, -risk, event)`` as a single call and (at n = 1,000 only) as a
-1,000-resample bootstrap loop; the loop is timed on ``--lifelines-resamples`` resamples and
-extrapolated linearly when that is fewer than 1,000. Data are synthetic (exponential times,
-about 40% censored, times rounded so that ties occur).
+Prints wall-clock seconds (best of ``--repeats`` runs for the fast calls) at n = 1,000, 10,000
+and 100,000, and for each reference the ratio reference / ours:
+
+* ``harrell_c`` against lifelines' ``concordance_index(time, -risk, event)`` and torchsurv's
+  ``ConcordanceIndex`` (single calls);
+* ``uno_c`` (truncated at the 80th percentile of time) against scikit-survival's
+  ``concordance_index_ipcw``;
+* ``bootstrap_ci`` with 1,000 resamples against a 1,000-resample lifelines loop and torchsurv's
+  ``confidence_interval(method="bootstrap")``;
+* ``paired_bootstrap_test`` with 1,000 resamples (no reference: torchsurv's ``compare`` does not
+  pair the resamples).
+
+Slow bootstraps (the references, and ours at n = 100,000) are timed on fewer resamples and
+extrapolated linearly to 1,000 (each resample costs the same); such lines say "extrapolated from
+k resamples". torchsurv builds n x n matrices: it runs in a child process
+whose peak memory is reported, and it is not run where the peak measured at a smaller n, scaled
+by n^2, would exceed ``--max-gb``; a reference whose time, scaled from a smaller n by its
+complexity, would exceed ``--max-seconds`` is not run either. Each skip prints why. Data are
+synthetic (exponential times, about 40% censored, times rounded so that ties occur). The
+default run takes a few minutes on one core.
 
 With ``--simulate`` it instead checks the statistics by simulation (``--replicates`` data sets
 of ``--n`` subjects from a Cox model, ``--n-boot`` resamples each): the coverage of the 95%
@@ -22,12 +36,19 @@ for two different risk scores with the same true C.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 
+import lifelines
 import numpy as np
+import sksurv
+import torchsurv
 from lifelines.utils import concordance_index
+from sksurv.metrics import concordance_index_ipcw
+from sksurv.util import Surv
 
 from helpers.metrics import (
     bootstrap_ci,
@@ -113,15 +134,75 @@ def simulate(replicates: int, n: int, n_boot: int, seed: int) -> None:
     print(f"(Monte Carlo half-width of a 95% interval around 0.95 or 0.05: {half_width:.3f})")
 
 
+def _torchsurv_job(time_, event, risk, n_bootstraps: int) -> tuple[float, float, float]:
+    """Child process: torchsurv's C-index (and bootstrap CI when ``n_bootstraps``), returning
+    (seconds for the C-index, seconds for the CI, peak resident memory in GB above what the
+    process held before the first call)."""
+    import resource
+
+    import torch
+    from torchsurv.metrics.cindex import ConcordanceIndex
+
+    torch.set_num_threads(1)
+    f32 = torch.float32  # torchsurv's bootstrap mixes dtypes with float64 input
+    args = (torch.as_tensor(risk, dtype=f32), torch.as_tensor(event).bool(), torch.as_tensor(time_, dtype=f32))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    metric = ConcordanceIndex()
+    metric(*args)
+    c_seconds = time.perf_counter() - start
+    ci_seconds = float("nan")
+    if n_bootstraps:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        metric.confidence_interval(method="bootstrap", n_bootstraps=n_bootstraps)
+        ci_seconds = time.perf_counter() - start
+    return c_seconds, ci_seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+
+
+def _in_child(function, *args):
+    """Run ``function(*args)`` in a fresh process (its own peak memory, freed afterwards)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _line(n: int, what: str, seconds: float | None, ratio: float | None = None, note: str = "") -> None:
+    sec = f"{seconds:>9.4f}" if seconds is not None else f"{'-':>9}"
+    rat = f"{ratio:>10.1f}" if ratio is not None else f"{'':>10}"
+    print(f"{n:>7,}  {what:<46} {sec}  {rat}  {note}".rstrip(), flush=True)
+
+
+def _resamples(n: int, budget: int) -> int:
+    """Resamples to time: ``budget`` at n = 1,000, scaled as 1/n, between 2 and 1000."""
+    return max(2, min(_N_BOOT, budget * 1_000 // n))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated numbers of subjects")
     parser.add_argument("--repeats", type=int, default=3, help="runs per fast call (best kept)")
     parser.add_argument(
         "--lifelines-resamples",
         type=int,
         default=200,
-        help="resamples actually timed for the lifelines bootstrap loop (extrapolated to 1000)",
+        help="resamples timed for the lifelines bootstrap loop at n = 1,000 (scaled down as 1/n "
+        "above; extrapolated to 1000)",
     )
+    parser.add_argument(
+        "--torchsurv-resamples",
+        type=int,
+        default=20,
+        help="resamples timed for torchsurv's bootstrap CI at n = 1,000 (scaled down as 1/n above)",
+    )
+    parser.add_argument(
+        "--ours-resamples",
+        type=int,
+        default=10_000,
+        help="resamples timed for our bootstraps, given at n = 1,000 and scaled as 1/n, at most 1000 "
+        "(the default times all 1000 up to n = 10,000 and 100 at n = 100,000, then extrapolates)",
+    )
+    parser.add_argument("--max-gb", type=float, default=8.0, help="torchsurv is not run above this peak memory")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="a reference call is not run above this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulate", action="store_true", help="coverage and type-I error instead of speed")
     parser.add_argument("--replicates", type=int, default=400, help="simulated data sets (--simulate)")
@@ -131,51 +212,74 @@ def main() -> None:
     if args.simulate:
         simulate(args.replicates, args.n, args.n_boot, args.seed)
         return
+    sizes = [int(v) for v in args.sizes.split(",")]
     rng = np.random.default_rng(args.seed)
-
-    print(f"{'n':>6}  {'what':<54} {'seconds':>9}  {'lifelines / ours':>16}")
-    for n in (1_000, 10_000):
+    started = time.perf_counter()
+    print(f"lifelines {lifelines.__version__}, scikit-survival {sksurv.__version__}, torchsurv {torchsurv.__version__}")
+    print(f"{'n':>7}  {'what':<46} {'seconds':>9}  {'ref / ours':>10}  note")
+    torch_peak: tuple[int, float] | None = None  # (n, GB) of the largest torchsurv run
+    sksurv_time: tuple[int, float] | None = None
+    for n in sizes:
         time_, event, risk_a, risk_b = _data(n, rng)
-        assert harrell_c(time=time_, event=event, risk=risk_a) == concordance_index(
-            time_, -risk_a, event
-        )
-        ours_c = _best_of(partial(harrell_c, time=time_, event=event, risk=risk_a), args.repeats)
-        theirs_c = _best_of(partial(concordance_index, time_, -risk_a, event), args.repeats)
-        slow_repeats = args.repeats if n <= 1_000 else 1
-        ours_boot = _best_of(
-            partial(bootstrap_ci, time=time_, event=event, risk=risk_a, n_boot=_N_BOOT, rng=1),
-            slow_repeats,
-        )
-        ours_paired = _best_of(
-            partial(
-                paired_bootstrap_test,
-                time=time_,
-                event=event,
-                risk_a=risk_a,
-                risk_b=risk_b,
-                n_boot=_N_BOOT,
-                rng=1,
-            ),
-            slow_repeats,
-        )
-        print(f"{n:>6}  {'harrell_c':<54} {ours_c:>9.4f}  {theirs_c / ours_c:>16.1f}")
-        print(f"{n:>6}  {'lifelines concordance_index':<54} {theirs_c:>9.4f}")
-        if n <= 1_000:
-            timed = min(args.lifelines_resamples, _N_BOOT)
-            start = time.perf_counter()
-            _lifelines_bootstrap(time_, event, risk_a, timed, np.random.default_rng(1))
-            theirs_boot = (time.perf_counter() - start) * _N_BOOT / timed
-            label = "lifelines bootstrap loop, 1000 resamples"
-            if timed < _N_BOOT:
-                label += f" (x{_N_BOOT // timed} of {timed})"
-            print(
-                f"{n:>6}  {'bootstrap_ci, 1000 resamples':<54} {ours_boot:>9.4f}"
-                f"  {theirs_boot / ours_boot:>16.1f}"
-            )
-            print(f"{n:>6}  {label:<54} {theirs_boot:>9.4f}")
+        repeats = args.repeats if n <= 10_000 else 1
+        assert harrell_c(time=time_, event=event, risk=risk_a) == concordance_index(time_, -risk_a, event)
+        ours_c = _best_of(partial(harrell_c, time=time_, event=event, risk=risk_a), repeats)
+        _line(n, "harrell_c", ours_c)
+        theirs = _best_of(partial(concordance_index, time_, -risk_a, event), repeats)
+        _line(n, "lifelines concordance_index", theirs, theirs / ours_c)
+
+        k_torch = _resamples(n, args.torchsurv_resamples)
+        estimated_gb = None if torch_peak is None else torch_peak[1] * (n / torch_peak[0]) ** 2
+        if estimated_gb is not None and estimated_gb > args.max_gb:
+            _line(n, "torchsurv ConcordanceIndex", None, note=(
+                f"not run: n x n matrices, peak {torch_peak[1]:.1f} GB at n = {torch_peak[0]:,} -> "
+                f"~{estimated_gb:,.0f} GB here (> --max-gb {args.max_gb:g})"))
+            theirs_ci = None
         else:
-            print(f"{n:>6}  {'bootstrap_ci, 1000 resamples':<54} {ours_boot:>9.4f}")
-        print(f"{n:>6}  {'paired_bootstrap_test, 1000 resamples':<54} {ours_paired:>9.4f}")
+            c_sec, ci_sec, peak = _in_child(_torchsurv_job, time_, event, risk_a, k_torch)
+            torch_peak = (n, peak)
+            _line(n, "torchsurv ConcordanceIndex", c_sec, c_sec / ours_c, f"peak memory +{peak:.2f} GB")
+            theirs_ci = ci_sec * _N_BOOT / k_torch
+
+        tau = float(np.quantile(time_, 0.8))
+        uno = partial(uno_c, time_, event, risk_a, train_time=time_, train_event=event, tau=tau)
+        ours_uno = _best_of(uno, repeats)
+        _line(n, "uno_c", ours_uno)
+        survival = Surv.from_arrays(event=event.astype(bool), time=time_)
+        estimated = None if sksurv_time is None else sksurv_time[1] * (n / sksurv_time[0]) ** 2
+        if estimated is not None and estimated > args.max_seconds:
+            _line(n, "scikit-survival concordance_index_ipcw", None, note=(
+                f"not run: O(n^2), {sksurv_time[1]:.2f} s at n = {sksurv_time[0]:,} -> ~{estimated:,.0f} s here "
+                f"(> --max-seconds {args.max_seconds:g})"))
+        else:
+            theirs = _best_of(partial(concordance_index_ipcw, survival, survival, risk_a, tau=tau), 1)
+            sksurv_time = (n, theirs)
+            _line(n, "scikit-survival concordance_index_ipcw", theirs, theirs / ours_uno)
+
+        k_ours = _resamples(n, args.ours_resamples)
+        ours_note = f"extrapolated from {k_ours} resamples" if k_ours < _N_BOOT else ""
+        ours_boot = _best_of(
+            partial(bootstrap_ci, time=time_, event=event, risk=risk_a, n_boot=k_ours, rng=1), 1 if n > 1_000 else repeats
+        ) * _N_BOOT / k_ours
+        _line(n, "bootstrap_ci, 1000 resamples", ours_boot, note=ours_note)
+        k_life = _resamples(n, args.lifelines_resamples)
+        start = time.perf_counter()
+        _lifelines_bootstrap(time_, event, risk_a, k_life, np.random.default_rng(1))
+        theirs = (time.perf_counter() - start) * _N_BOOT / k_life
+        note = f"extrapolated from {k_life} resamples" if k_life < _N_BOOT else ""
+        _line(n, "lifelines loop, 1000 resamples", theirs, theirs / ours_boot, note)
+        if theirs_ci is not None:
+            note = f"extrapolated from {k_torch} resamples" if k_torch < _N_BOOT else ""
+            _line(n, "torchsurv bootstrap CI, 1000 resamples", theirs_ci, theirs_ci / ours_boot, note)
+        else:
+            _line(n, "torchsurv bootstrap CI, 1000 resamples", None, note="not run: see ConcordanceIndex above")
+
+        ours_paired = _best_of(
+            partial(paired_bootstrap_test, time=time_, event=event, risk_a=risk_a, risk_b=risk_b, n_boot=k_ours, rng=1),
+            1 if n > 1_000 else repeats,
+        ) * _N_BOOT / k_ours
+        _line(n, "paired_bootstrap_test, 1000 resamples", ours_paired, note=ours_note)
+    print(f"total {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

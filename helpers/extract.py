@@ -171,8 +171,8 @@ def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd
         from helpers.meds import read_meds
 
         encoder = ClmbrMiniEncoder(checkpoint)
-        stats: dict = {}
-        embedding = encoder.embed(read_meds(folder), cohort, stats=stats)
+        embedding = encoder.embed(read_meds(folder), cohort)
+        stats = dict(encoder.last_stats)
         metadata = {"encoder": name, "kind": spec.kind, "modality": "ehr", "checkpoint": str(checkpoint),
                     "checkpoint_sha256": sha, "model": encoder.describe(), "frozen": True}
         return list(cohort["study_id"]), embedding, None, metadata, stats

@@ -118,6 +118,9 @@ class EncoderSpec(_Strict):
     path: Path | None = None
     sha256: str | None = None
     python: Path | None = None
+    # pretraining settings of a ct_mae / clmbr_mini model pretrained by the study (fields of
+    # CTMAEConfig / ClmbrMiniConfig, e.g. {epochs: 5}); recorded with the checkpoint
+    pretrain: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("sha256")
     @classmethod
@@ -289,6 +292,8 @@ def _verify(manifest: Manifest) -> None:
     for modality in ("image", "ehr"):
         for name, spec in getattr(manifest.encoders, modality).items():
             key = f"encoders.{modality}.{name}"
+            if spec.pretrain and spec.kind not in PRETRAINED_KINDS:
+                missing.append(f"{key}.pretrain: only encoders of kind {' or '.join(PRETRAINED_KINDS)} are pretrained by the study")
             if spec.python is not None and spec.kind != "clmbr":
                 missing.append(f"{key}.python: only an encoder of kind 'clmbr' takes an interpreter")
             elif spec.python is not None and not spec.python.is_file():

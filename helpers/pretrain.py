@@ -52,6 +52,26 @@ def resolve_name(manifest: Manifest, name: str) -> tuple[str, str]:
                         f"(declared: {', '.join(declared) or 'none'})")
 
 
+def _config(manifest: Manifest, modality: str, name: str, entry):
+    """The model's pretraining configuration: its defaults, updated by the manifest entry's
+    ``pretrain`` settings (an unknown setting is named in the error)."""
+    import dataclasses
+
+    if entry.kind == "ct_mae":
+        from helpers.encoders.ct_mae import CTMAEConfig as config_class
+    else:
+        from helpers.encoders.clmbr_mini import ClmbrMiniConfig as config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(entry.pretrain) - known)
+    if unknown:
+        raise ManifestError(f"{manifest.path}: encoders.{modality}.{name}.pretrain: unknown setting(s) {', '.join(unknown)}; "
+                            f"expected some of {', '.join(sorted(known))}")
+    try:
+        return config_class(**entry.pretrain)
+    except (TypeError, ValueError) as err:
+        raise ManifestError(f"{manifest.path}: encoders.{modality}.{name}.pretrain: {err}") from None
+
+
 def pretrain(manifest: Manifest, task: str, name: str, *, config=None, progress: Callable | None = None):
     """Pretrain encoder ``name`` (an entry of ``encoders.image`` or ``encoders.ehr`` of kind
     ``ct_mae`` or ``clmbr_mini``) on ``task``'s internal train and validation data. Returns the
@@ -65,23 +85,24 @@ def pretrain(manifest: Manifest, task: str, name: str, *, config=None, progress:
     if entry.path is not None:
         raise ManifestError(f"{manifest.path}: encoders.{modality}.{name} names a checkpoint ({entry.path}); remove "
                             "its path and sha256 to pretrain the study's own")
+    if config is None:
+        config = _config(manifest, modality, name, entry)
     out = default_checkpoint(manifest, task, name)
     studies = pretraining_studies(manifest, task)
     if entry.kind == "ct_mae":
         from helpers.encoders import SlicePreprocess, VolumeDataset
-        from helpers.encoders.ct_mae import CTMAEConfig, pretrain_ct_mae
+        from helpers.encoders.ct_mae import pretrain_ct_mae
 
-        config = config or CTMAEConfig()
         paths = hc.cohort_paths(manifest, task)
         imaging = pd.read_parquet(paths["imaging"]).set_index("study_id").loc[studies["study_id"]]
         preprocess = SlicePreprocess(window_hu=spec.window_hu, n_slices=16, size=config.image_size)
         dataset = VolumeDataset(list(studies["study_id"]), list(imaging["image_path"]), preprocess)
         return pretrain_ct_mae(dataset, out, config=config, progress=progress)
-    from helpers.encoders.clmbr_mini import pretrain_clmbr_mini, subjects_of
-    from helpers.meds import read_meds
+    from helpers.encoders.clmbr_mini import pretrain_clmbr_mini
+    from helpers.meds import cohort_subject_ids, read_meds
 
     events = read_meds(ensure_meds(manifest, task))
     persons = studies.drop_duplicates("person_id")
-    train = subjects_of(persons.loc[persons["split"] == "train", "person_id"])
-    val = subjects_of(persons.loc[persons["split"] == "val", "person_id"])
+    train = cohort_subject_ids(persons[persons["split"] == "train"])
+    val = cohort_subject_ids(persons[persons["split"] == "val"])
     return pretrain_clmbr_mini(events, train, val, out, config=config, progress=progress)

@@ -39,6 +39,7 @@ __all__ = [
     "GRID_EHR_REPRS",
     "GRID_FUSIONS",
     "GRID_SEEDS",
+    "SWEEP_SHARES",
     "grid_seeds",
     "parse_only",
     "plan",
@@ -132,8 +133,17 @@ def _source_watch(manifest: Manifest, task: str) -> list[Path]:
     return files
 
 
-def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | None = None) -> list[Node]:
-    """The nodes of the study grid, in an order where every node follows its dependencies."""
+# The imbalance sweep (06_imbalance): the twin's image_share values, on the quick-sized twin
+# whatever the study's profile (a paper-sized sweep is 5 x 2 x 7 paper-sized trainings).
+SWEEP_SHARES = "0,0.25,0.5,0.75,1"
+SWEEP_PROFILE = "quick"
+
+
+def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | None = None, *,
+         sweep_shares: str | None = SWEEP_SHARES) -> list[Node]:
+    """The nodes of the study grid, in an order where every node follows its dependencies.
+    The imbalance sweep runs on the digital twin for the whole grid (no ``only``), unless
+    ``sweep_shares`` is None."""
     only = only or {}
     for key, values in only.items():
         allowed = {"task": set(TASKS), "fusion": set(GRID_FUSIONS), "ehr_repr": set(GRID_EHR_REPRS) | {UNIMODAL_IMAGE},
@@ -215,6 +225,12 @@ def plan(manifest: Manifest, manifest_path: Path, only: dict[str, set[str]] | No
         nodes.append(Node("results/05_results", "05_results.ipynb",
                           {"runs_dir": str(root / "runs"), "manifest": mpath}, "Results: Table 1",
                           deps=compares, labels={}, outputs=[root / "comparisons" / "table1.csv"]))
+    if not only and sweep_shares and manifest.data.source == "synthetic":
+        sweep_dir = manifest.with_profile(SWEEP_PROFILE).run_root / "sweep"
+        nodes.append(Node("results/06_imbalance", "06_imbalance.ipynb",
+                          {"manifest": mpath, "shares": sweep_shares, "profile": SWEEP_PROFILE, "train_seed": 0,
+                           "n_boot": 200, "out_dir": str(sweep_dir)},
+                          "Fusion under modality imbalance", labels={}, outputs=[sweep_dir / "imbalance.csv"]))
     return nodes
 
 
@@ -371,13 +387,14 @@ def build_book(book: Path = BOOK) -> Path:
 
 
 def run_study(manifest_path: Path, *, profile: str | None = None, only: str | None = None,
-              force: bool = False, progress: bool = True, book: Path = BOOK, build: bool = True) -> StudyReport:
+              force: bool = False, progress: bool = True, book: Path = BOOK, build: bool = True,
+              sweep_shares: str | None = SWEEP_SHARES) -> StudyReport:
     """Run the whole study (``python -m helpers study``)."""
     manifest = load_manifest(manifest_path)
     if profile is not None:
         manifest = manifest.with_profile(profile)
     effective = dump(manifest, manifest.run_root / "manifest.yaml")
-    nodes = plan(manifest, effective, parse_only(only))
+    nodes = plan(manifest, effective, parse_only(only), sweep_shares=sweep_shares)
     state_dir = manifest.run_root / "study"
     report = run_nodes(nodes, state_dir, force=force, progress=progress)
     if report.ok and build:

@@ -185,4 +185,5 @@ class BreslowBaseline:
 
     def survival(self, log_hz: np.ndarray, t: float) -> np.ndarray:
         """S(t | x) for each log-hazard, float64 array (n,) in [0, 1]."""
-        return np.exp(-self.cumulative_hazard(t) * np.exp(np.asarray(log_hz, dtype=np.float64) - self.shift))
+        with np.errstate(over="ignore"):  # exp overflowing to inf gives S = 0, the right limit
+            return np.exp(-self.cumulative_hazard(t) * np.exp(np.asarray(log_hz, dtype=np.float64) - self.shift))

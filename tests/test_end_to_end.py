@@ -16,24 +16,29 @@ from helpers import study
 from helpers.manifest import load
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SWEEP = "0,1"  # two image shares keep the imbalance sweep to about a minute
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     manifest = tmp / "data_manifest.yaml"
-    # no encoders section: the study's defaults (ct_mae and randconv, onehot and clmbr_mini),
-    # so the run pretrains both built-in foundation models
+    # the study's encoders (ct_mae and randconv, onehot and clmbr_mini), with short pretraining
     manifest.write_text(yaml.safe_dump({
         "version": 1,
         "data": {"source": "synthetic", "synthetic": {"profile": "quick", "seed": 11, "image_share": 0.5}},
+        "encoders": {
+            "image": {"ct_mae": {"kind": "ct_mae", "pretrain": {"epochs": 2, "steps_per_epoch": 10, "batch_size": 128}},
+                      "randconv": {"kind": "builtin"}},
+            "ehr": {"onehot": {"kind": "builtin"}, "clmbr": {"kind": "clmbr_mini", "pretrain": {"target_steps": 30}}},
+        },
         "output_dir": "outputs",
     }))
     book = tmp / "book"
     book.mkdir()
     for name in ("_config.yml", "intro.md"):
         shutil.copy(PROJECT_ROOT / "book" / name, book / name)
-    report = study.run_study(manifest, progress=False, book=book)
+    report = study.run_study(manifest, progress=False, book=book, sweep_shares=SWEEP)
     return {"report": report, "manifest": load(manifest), "book": book, "path": manifest}
 
 
@@ -43,6 +48,9 @@ def test_the_study_runs_and_the_book_builds(finished):
     assert report.ok, (report.failed, report.not_run)
     assert report.book is not None and report.book.is_file()
     root = finished["manifest"].run_root
+    sweep = pd.read_csv(finished["manifest"].with_profile("quick").run_root / "sweep" / "imbalance.csv")
+    assert set(sweep["image_share"]) == {0.0, 1.0} and set(sweep["task"]) == {"pe", "mace"}
+    assert sweep["c_index"].between(0, 1).all()
     combined = pd.read_csv(root / "comparisons" / "table1.csv", index_col=0)
     assert combined.shape[1] == 4, "Table 1 has PE and MACE, internal and external"
     for task in ("pe", "mace"):
@@ -54,7 +62,7 @@ def test_the_study_runs_and_the_book_builds(finished):
         scores = pd.read_csv(root / "comparisons" / task / "cindex.csv")
         assert scores["c_index"].between(0, 1, inclusive="neither").all()
         pages = list((finished["book"] / "_build" / "html" / "generated" / task).rglob("*.html"))
-        planned = [n for n in study.plan(finished["manifest"], finished["path"]) if n.labels.get("task") == task]
+        planned = [n for n in study.plan(finished["manifest"], finished["path"], sweep_shares=SWEEP) if n.labels.get("task") == task]
         assert len(pages) == len(planned), sorted(p.name for p in pages)
         oracle = scores[scores["model"] == "Oracle (true risk)"].set_index("cohort")["c_index"]
         models = scores[scores["model"] != "Oracle (true risk)"]
@@ -82,8 +90,8 @@ def test_no_identifier_or_date_reaches_the_book(finished):
 
 @pytest.mark.slow
 def test_a_rerun_skips_everything_up_to_date(finished):
-    again = study.run_study(finished["path"], progress=False, build=False)
-    assert again.ran == [] and len(again.skipped_up_to_date) == len(study.plan(finished["manifest"], finished["path"]))
+    again = study.run_study(finished["path"], progress=False, build=False, sweep_shares=SWEEP)
+    assert again.ran == [] and len(again.skipped_up_to_date) == len(study.plan(finished["manifest"], finished["path"], sweep_shares=SWEEP))
 
 
 @pytest.mark.slow
