@@ -11,6 +11,7 @@ encoder, its checkpoint hash and its preprocessing in the table's metadata. A ``
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -242,5 +243,8 @@ def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: 
     metadata["cohort_sha256"] = sha256_path(paths["cohort"])
     out = write_embeddings(embedding_path(manifest.run_root, task, modality, name), ids, np.asarray(embedding),
                            tokens=tokens, metadata=metadata)
+    shards = out.with_suffix(".shards")
+    if shards.is_dir():  # the table is complete: the resume shards only duplicate it
+        shutil.rmtree(shards)
     return Extraction(out, modality, name, spec.kind, len(ids), int(np.asarray(embedding).shape[1]), seconds,
                       metadata, stats)

@@ -132,11 +132,11 @@ class EncoderSpec(_Strict):
 
 class Encoders(_Strict):
     """Image and EHR encoders by name. Left out, each modality gets the study's built-in ones:
-    image ``ct_mae`` (pretrained by the study; the first is the one fusion models use) and
-    ``randconv``; EHR ``onehot`` and ``clmbr`` (kind ``clmbr_mini``)."""
+    image ``randconv`` (the first is the one fusion models use) and ``ct_mae`` (pretrained by
+    the study); EHR ``onehot`` and ``clmbr`` (kind ``clmbr_mini``)."""
 
     image: dict[str, EncoderSpec] = Field(
-        default_factory=lambda: {"ct_mae": EncoderSpec(kind="ct_mae"), "randconv": EncoderSpec(kind="builtin")})
+        default_factory=lambda: {"randconv": EncoderSpec(kind="builtin"), "ct_mae": EncoderSpec(kind="ct_mae")})
     ehr: dict[str, EncoderSpec] = Field(
         default_factory=lambda: {"onehot": EncoderSpec(kind="builtin"), "clmbr": EncoderSpec(kind="clmbr_mini")})
 

@@ -41,7 +41,7 @@ def _cohort(manifest, n: int = 6) -> pd.DataFrame:
 
 def test_default_encoders_and_kind_rules(tmp_path):
     m = load(_manifest(tmp_path))
-    assert list(m.encoders.image) == ["ct_mae", "randconv"] and list(m.encoders.ehr) == ["onehot", "clmbr"]
+    assert list(m.encoders.image) == ["randconv", "ct_mae"] and list(m.encoders.ehr) == ["onehot", "clmbr"]
     assert resolve_name(m, "clmbr_mini") == ("ehr", "clmbr") and resolve_name(m, "ct_mae") == ("image", "ct_mae")
     with pytest.raises(ManifestError, match="no single encoder called or of kind 'dino'"):
         resolve_name(m, "dino")
@@ -51,7 +51,7 @@ def test_default_encoders_and_kind_rules(tmp_path):
         load(_manifest(tmp_path, {"image": {"t": {"kind": "table"}}}))
     with pytest.raises(ManifestError, match=r"encoders\.image\.r\.python: only an encoder of kind 'clmbr'"):
         load(_manifest(tmp_path, {"image": {"r": {"kind": "builtin", "python": "/usr/bin/python3"}}}))
-    with pytest.raises(ManifestError, match=r"parameter 'encoder': 'dino' is not declared under encoders\.image \(declared: ct_mae, randconv\)"):
+    with pytest.raises(ManifestError, match=r"parameter 'encoder': 'dino' is not declared under encoders\.image \(declared: randconv, ct_mae\)"):
         encoder_spec(m, "image", "dino")
 
 
@@ -113,14 +113,15 @@ def test_probes_recover_a_linear_factor_and_not_noise():
         probe_factors(x[:1], ["zz"], factors, {"clot_burden": ("ct",)})
 
 
-def test_grid_pretrains_then_extracts_and_uses_the_first_image_encoder(tmp_path):
+def test_grid_pretrains_then_extracts_and_trains_on_the_first_image_encoder(tmp_path):
     m = load(_manifest(tmp_path))
     nodes = {n.key: n for n in study.plan(m, m.path, study.parse_only("task=pe"))}
     assert nodes["pe/02_embeddings/image-ct_mae"].deps == ["pe/01_cohort", "pe/02_pretrain/ct_mae"]
+    assert nodes["pe/02_embeddings/image-randconv"].deps == ["pe/01_cohort"]
     assert nodes["pe/02_embeddings/ehr-clmbr"].deps == ["pe/01_cohort", "pe/02_pretrain/clmbr"]
     assert "pe/02_embeddings/image-randconv" in nodes and "pe/02_pretrain/randconv" not in nodes
     trains = [n for n in nodes.values() if n.notebook == "03_train.ipynb"]
-    assert all(n.params["image_embeddings"].endswith("image-ct_mae.parquet") for n in trains)
+    assert all(n.params["image_embeddings"].endswith("image-randconv.parquet") for n in trains)
     clmbr = [n for n in trains if n.params["ehr_repr"] == "clmbr"]
     assert len(clmbr) == len(study.GRID_FUSIONS) - 1 and all(n.params["ehr_tokens"] == "chunk" for n in clmbr)
     only_onehot = load(_manifest(tmp_path, {"image": {"randconv": {"kind": "builtin"}}, "ehr": {"onehot": {"kind": "builtin"}}}))

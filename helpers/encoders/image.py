@@ -3,34 +3,76 @@
 The paper encodes each selected axial slice with a 2D foundation model and averages the slice
 embeddings over z. Here: load the volume in HU (``helpers.imaging.load_volume``), apply the
 task's window, pick ``n_slices`` evenly spaced axial slices, resize each to ``size`` x
-``size``, encode every slice, keep the per-slice embeddings as ``tokens`` and their mean as
-``embedding``.
+``size`` (the encoder's ``input_size``), encode every slice, keep the per-slice embeddings as
+``tokens`` and their mean as ``embedding``.
+
+Every image encoder (``image_encoder(name, spec)``) is a frozen ``nn.Module`` with the same
+surface (``ImageEncoder``): ``dim``, ``input_size``, ``describe()`` and ``forward(slices)``
+mapping (n, 1, S, S) floats in [0, 1] to (n, dim). Its weights have ``requires_grad`` off, but
+its forward is differentiable with respect to the slices, so saliency reaches the voxels.
+
+=================== ======================================================== ==========
+name / kind         what                                                     module
+=================== ======================================================== ==========
+``randconv``        seeded random-feature CNN, no checkpoint                 randconv
+``ct_mae``          the study's ViT masked autoencoder, pretrained on twin   ct_mae
+``hf``              any local transformers vision backbone (ViT, DINOv2...)  hf
+``medimageinsight`` Microsoft's MedImageInsight, user's local copy           medimageinsight
+=================== ======================================================== ==========
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from helpers.encoders.randconv import RandomConvEncoder
 from helpers.imaging import load_volume, window
 from helpers.manifest import EncoderSpec
 
 __all__ = [
     "IMAGE_ENCODERS",
     "EHR_ENCODERS",
+    "ImageEncoder",
     "SlicePreprocess",
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
 ]
 
-IMAGE_ENCODERS: tuple[str, ...] = ("randconv",)
-EHR_ENCODERS: tuple[str, ...] = ("onehot",)
+IMAGE_ENCODERS: tuple[str, ...] = ("randconv", "ct_mae", "hf", "medimageinsight")
+EHR_ENCODERS: tuple[str, ...] = ("onehot", "clmbr")
+
+_SHARD_FORMAT = 1
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """What every image encoder offers (a frozen ``nn.Module``).
+
+    ``dim``: embedding size per slice. ``input_size``: the in-plane size slices should be
+    preprocessed to (``SlicePreprocess(size=encoder.input_size)``). ``describe()``: a JSON-able
+    dict (kind, checkpoint, input size, normalisation, pooling). Calling it maps slices
+    (n, 1, input_size, input_size) float in [0, 1] to (n, dim) float.
+    """
+
+    dim: int
+    input_size: int
+
+    def describe(self) -> dict: ...
+
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +83,13 @@ class SlicePreprocess:
     window_hu: tuple[float, float]
     n_slices: int = 16
     size: int = 64
+
+    def __post_init__(self) -> None:
+        lo, hi = self.window_hu
+        if not hi > lo:
+            raise ValueError(f"window_hu must be (lo, hi) with hi > lo, got {self.window_hu}")
+        if self.n_slices < 1 or self.size < 1:
+            raise ValueError(f"n_slices and size must be >= 1, got n_slices={self.n_slices}, size={self.size}")
 
     def __call__(self, hu: np.ndarray) -> torch.Tensor:
         """(z, y, x) HU array -> float32 tensor (n_slices, 1, size, size) in [0, 1]."""
@@ -60,7 +109,8 @@ class SlicePreprocess:
 
 class VolumeDataset(Dataset):
     """Items are ``(index, slices)`` with slices from ``preprocess`` of the volume at
-    ``paths[index]``. Errors name the study and the file."""
+    ``paths[index]``. Errors name the study and the file. Holds only lists and a frozen
+    dataclass, so it pickles into DataLoader workers (fork or spawn)."""
 
     def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess) -> None:
         if len(study_ids) != len(paths):
@@ -82,13 +132,110 @@ def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[tor
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def image_encoder(name: str, spec: EncoderSpec | None = None, *, seed: int = 0) -> nn.Module:
-    """Build the frozen image encoder ``name`` (one of ``IMAGE_ENCODERS``)."""
-    if name == "randconv":
-        from helpers.encoders.randconv import RandomConvEncoder
+class _RandConv(RandomConvEncoder):
+    """``RandomConvEncoder`` with the common encoder surface (``input_size`` 64, ``describe``)."""
 
-        return RandomConvEncoder(seed=seed)
-    raise ValueError(f"parameter 'encoder': unknown image encoder {name!r}; expected one of {', '.join(IMAGE_ENCODERS)}")
+    input_size = 64
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.seed = seed
+
+    def describe(self) -> dict:
+        return {"kind": "builtin", "name": "randconv", "seed": self.seed, "dim": self.dim, "input_size": self.input_size,
+                "normalisation": "(x - 0.5) / 0.25 for the convolutions, raw [0, 1] for the histograms",
+                "pooling": f"convolution maps averaged on a {self.conv_grid}x{self.conv_grid} grid, soft histograms "
+                           f"on a {self.hist_grid}x{self.hist_grid} grid"}
+
+
+def image_encoder(
+    name: str,
+    spec: EncoderSpec | None = None,
+    *,
+    seed: int = 0,
+    default_checkpoint: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build the frozen image encoder ``name`` described by ``spec`` (an ``EncoderSpec``).
+
+    ``spec`` None or ``spec.kind == "builtin"``: ``name`` must be ``"randconv"`` (seeded by
+    ``seed``). ``spec.kind``: ``"hf"`` -> ``HFImageEncoder(spec.path)``; ``"medimageinsight"``
+    -> ``MedImageInsightEncoder(spec.path)``; ``"ct_mae"`` -> ``CTMAEEncoder(spec.path or
+    default_checkpoint)``. With ``spec`` None, ``name == "ct_mae"`` uses ``default_checkpoint``.
+    """
+    kind = spec.kind if spec is not None else ("ct_mae" if name == "ct_mae" else "builtin")
+    if kind == "builtin":
+        if name != "randconv":
+            raise ValueError(f"parameter 'encoder': unknown image encoder {name!r}; the built-in image encoder is "
+                             f"'randconv' (others need a manifest entry of kind ct_mae, hf or medimageinsight; "
+                             f"known: {', '.join(IMAGE_ENCODERS)})")
+        return _RandConv(seed=seed)
+    path = getattr(spec, "path", None)
+    if kind == "ct_mae":
+        from helpers.encoders.ct_mae import CTMAEEncoder
+
+        checkpoint = path or default_checkpoint
+        if checkpoint is None or not Path(checkpoint).is_dir():
+            where = f" (looked for {checkpoint})" if checkpoint is not None else ""
+            raise FileNotFoundError(f"image encoder {name!r} (kind ct_mae): no checkpoint{where}; pretrain it first with "
+                                    "`python -m helpers pretrain ct_mae`, or set encoders.image."
+                                    f"{name}.path in the manifest")
+        return CTMAEEncoder(checkpoint)
+    if kind in ("hf", "medimageinsight"):
+        if path is None:
+            raise ValueError(f"encoders.image.{name}.path: required for an encoder of kind {kind!r}")
+        if kind == "hf":
+            from helpers.encoders.hf import HFImageEncoder
+
+            return HFImageEncoder(path)
+        from helpers.encoders.medimageinsight import MedImageInsightEncoder
+
+        return MedImageInsightEncoder(path)
+    raise ValueError(f"encoders.image.{name}.kind: {kind!r} is not an image encoder kind; expected one of "
+                     "builtin, ct_mae, hf, medimageinsight")
+
+
+def _fingerprint(encoder: nn.Module, dataset: Dataset, shard_size: int, shard_key: str | None) -> str:
+    """What a shard's tokens depend on: the encoder's description, the preprocessing, the
+    shard size and the caller's key. Encoders without ``describe()`` are keyed on their
+    weights."""
+    if hasattr(encoder, "describe"):
+        model = encoder.describe()
+    else:
+        digest = hashlib.sha256()
+        for key, value in sorted(encoder.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        model = {"class": type(encoder).__qualname__, "weights_sha256": digest.hexdigest()}
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    preprocess = base.preprocess.describe() if hasattr(getattr(base, "preprocess", None), "describe") else None
+    blob = json.dumps({"format": _SHARD_FORMAT, "model": model, "preprocessing": preprocess, "shard_size": shard_size,
+                       "key": shard_key}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _shard_path(shard_dir: Path, k: int) -> Path:
+    return shard_dir / f"shard-{k:05d}.npz"
+
+
+def _read_shard(path: Path, ids: list[str], fingerprint: str) -> list[np.ndarray] | None:
+    """The shard's tokens if it exists and matches ``ids`` and ``fingerprint``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != fingerprint or data["study_ids"].tolist() != ids:
+                return None
+            tokens, lengths = data["tokens"], data["lengths"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return [t.astype(np.float32) for t in np.split(tokens, np.cumsum(lengths)[:-1])]
+
+
+def _write_shard(path: Path, ids: list[str], tokens: list[np.ndarray], fingerprint: str) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, study_ids=np.asarray(ids, dtype=str), fingerprint=np.asarray(fingerprint),
+             lengths=np.asarray([len(t) for t in tokens], dtype=np.int64), tokens=np.concatenate(tokens).astype(np.float32))
+    os.replace(tmp, path)
 
 
 def encode_volumes(
@@ -98,28 +245,109 @@ def encode_volumes(
     batch_size: int = 8,
     device: str = "cpu",
     num_workers: int = 0,
-    progress: Callable | None = None,
+    progress: Callable[[int], object] | None = None,
+    shard_dir: str | os.PathLike | None = None,
+    shard_size: int = 256,
+    shard_key: str | None = None,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Encode every volume of ``dataset``.
+    """Encode every volume of ``dataset`` (items ``(index, slices)``, see ``VolumeDataset``).
 
     Returns ``(embedding, tokens)``: embedding float32 (n_studies, dim), the mean of the slice
-    tokens; tokens a list of float32 arrays (n_slices, dim). ``batch_size`` counts volumes; on
-    CUDA the encoder runs under bf16 autocast and the outputs are cast back to float32.
+    tokens; tokens a list of float32 arrays (n_slices, dim), in dataset order. ``batch_size``
+    counts volumes. Volumes are decoded by a DataLoader with ``num_workers`` worker processes
+    (persistent when > 0; pinned memory on CUDA). On CUDA the encoder runs under bf16 autocast
+    with non-blocking transfers, and the outputs are cast back to float32.
+
+    ``shard_dir``: if given, every ``shard_size`` consecutive volumes form a shard whose tokens
+    are written atomically to ``shard_dir/shard-<k>.npz`` once complete; a later call loads
+    each shard whose study ids and fingerprint (``encoder.describe()``, the dataset's
+    preprocessing, ``shard_size`` and ``shard_key``) match, and computes only the others, so
+    an interrupted run resumes. ``progress(n)`` is called with the number of volumes done so
+    far (resumed ones included). ``stats``, if given, is filled with ``resumed_shards``,
+    ``computed_shards``, ``computed_volumes``, ``volumes_per_second`` and ``slices_per_second``
+    (over computed volumes), ``decode_seconds`` (waiting for the loader) and ``model_seconds``.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"parameter 'batch_size': must be >= 1, got {batch_size}")
+    if shard_size < 1:
+        raise ValueError(f"parameter 'shard_size': must be >= 1, got {shard_size}")
+    if num_workers < 0:
+        raise ValueError(f"parameter 'num_workers': must be >= 0, got {num_workers}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("parameter 'dataset': no volumes to encode")
+    ids = [str(s) for s in getattr(dataset, "study_ids", range(n))]
     torch_device = torch.device(device)
     encoder = encoder.to(torch_device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
-    tokens: list[np.ndarray | None] = [None] * len(dataset)
-    iterator = progress(loader) if progress is not None else loader
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if torch_device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.inference_mode(), autocast:
-        for indices, volumes in iterator:
-            sizes = [v.shape[0] for v in volumes]
-            out = encoder(torch.cat(volumes).to(torch_device)).float().cpu().numpy()
-            for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
-                tokens[i] = chunk.astype(np.float32)
-    done = [t for t in tokens if t is not None]
-    embedding = np.stack([t.mean(axis=0) for t in done]).astype(np.float32)
-    return embedding, done
+    cuda = torch_device.type == "cuda"
+
+    tokens: list[np.ndarray | None] = [None] * n
+    shard_of = np.arange(n) // shard_size
+    n_shards = int(shard_of[-1]) + 1
+    resumed = 0
+    fingerprint = None
+    if shard_dir is not None:
+        shard_dir = Path(shard_dir)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        fingerprint = _fingerprint(encoder, dataset, shard_size, shard_key)
+        for stale in [*shard_dir.glob(".shard-*.tmp.npz"), *shard_dir.glob("shard-*.npz")]:
+            if stale.name.startswith(".") or int(stale.stem.split("-")[1]) >= n_shards:
+                stale.unlink(missing_ok=True)  # partial writes, or shards past the end of the study list
+        for k in range(n_shards):
+            lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+            loaded = _read_shard(_shard_path(shard_dir, k), ids[lo:hi], fingerprint)
+            if loaded is not None:
+                tokens[lo:hi] = loaded
+                resumed += 1
+    todo = [i for i in range(n) if tokens[i] is None]
+    done = n - len(todo)
+    if progress is not None and done:
+        progress(done)
+    remaining = np.bincount(shard_of[todo], minlength=n_shards) if todo else np.zeros(n_shards, dtype=int)
+
+    decode_s = model_s = 0.0
+    n_slices = 0
+    started = time.perf_counter()
+    if todo:
+        subset = dataset if len(todo) == n else Subset(dataset, todo)
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=cuda, persistent_workers=num_workers > 0)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        iterator = iter(loader)
+        with torch.inference_mode(), autocast:
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    indices, volumes = next(iterator)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                sizes = [v.shape[0] for v in volumes]
+                out = encoder(torch.cat(volumes).to(torch_device, non_blocking=cuda)).float().cpu().numpy()
+                t2 = time.perf_counter()
+                decode_s, model_s, n_slices = decode_s + t1 - t0, model_s + t2 - t1, n_slices + sum(sizes)
+                for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
+                    tokens[i] = chunk.astype(np.float32)
+                    k = int(shard_of[i])
+                    remaining[k] -= 1
+                    if shard_dir is not None and remaining[k] == 0:
+                        lo, hi = k * shard_size, min((k + 1) * shard_size, n)
+                        _write_shard(_shard_path(shard_dir, k), ids[lo:hi], tokens[lo:hi], fingerprint)
+                done += len(indices)
+                if progress is not None:
+                    progress(done)
+    seconds = time.perf_counter() - started
+    if stats is not None:
+        computed_shards = int(len(set(shard_of[todo].tolist()))) if todo else 0
+        stats.update(
+            resumed_shards=resumed if shard_dir is not None else 0,
+            computed_shards=computed_shards if shard_dir is not None else 0,
+            computed_volumes=len(todo),
+            volumes_per_second=len(todo) / seconds if todo and seconds > 0 else float("nan"),
+            slices_per_second=n_slices / seconds if todo and seconds > 0 else float("nan"),
+            decode_seconds=decode_s,
+            model_seconds=model_s,
+        )
+    embedding = np.stack([t.mean(axis=0) for t in tokens]).astype(np.float32)
+    return embedding, tokens
