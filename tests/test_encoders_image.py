@@ -250,7 +250,7 @@ def test_ct_mae_encoder_is_frozen_unmasked_and_deterministic(mae_checkpoint):
     _, result = mae_checkpoint
     enc = image_encoder("ct_mae", EncoderSpec(kind="ct_mae"), default_checkpoint=result.checkpoint)
     assert isinstance(enc, CTMAEEncoder)
-    assert (enc.dim, enc.input_size) == (32, 32)
+    assert (enc.dim, enc.input_size) == (32 * 4**2, 32), "grid pooling: 4 x 4 regions x hidden 32"
     assert enc.describe()["checkpoint_sha256"] == result.sha256
     state = torch.get_rng_state()
     _check_frozen_differentiable(enc, 32)
@@ -259,7 +259,8 @@ def test_ct_mae_encoder_is_frozen_unmasked_and_deterministic(mae_checkpoint):
     with torch.no_grad():
         tokens = enc.model(pixel_values=(x - enc.mean) / enc.std, noise=torch.arange(16.0).expand(2, -1)).last_hidden_state
         assert tokens.shape == (2, 17, 32)  # every patch kept
-        torch.testing.assert_close(enc(x), tokens[:, 1:].mean(dim=1))
+        torch.testing.assert_close(CTMAEEncoder(result.checkpoint, pooling="mean")(x), tokens[:, 1:].mean(dim=1))
+        torch.testing.assert_close(enc(x).view(2, 32, 16).mean(dim=2), tokens[:, 1:].mean(dim=1))  # 16 equal regions
         torch.testing.assert_close(CTMAEEncoder(result.checkpoint, pooling="cls")(x), tokens[:, 0])
         grid = CTMAEEncoder(result.checkpoint, pooling="grid", grid=2)
         assert grid.dim == 4 * 32
