@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from helpers.encoders.image import quiet_transformers
 from helpers.manifest import sha256_path
 
 __all__ = ["CTMAEConfig", "PretrainResult", "pretrain_ct_mae", "CTMAEEncoder", "reconstruct", "load_slices"]
@@ -299,6 +300,7 @@ def pretrain_ct_mae(
     if tmp.exists():
         shutil.rmtree(tmp)
     model.eval()
+    quiet_transformers()
     model.save_pretrained(tmp)
     (tmp / _META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=list) + "\n")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -347,6 +349,7 @@ def _read_meta(path: Path) -> dict:
 def _load_mae(path: Path, mask_ratio: float | None = None):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
+    quiet_transformers()
     config = ViTMAEConfig.from_pretrained(path, local_files_only=True)
     if mask_ratio is not None:
         config.mask_ratio = mask_ratio

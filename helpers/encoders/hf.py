@@ -67,10 +67,13 @@ class HFImageEncoder(nn.Module):
         super().__init__()
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+        from helpers.encoders.image import quiet_transformers
+
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"parameter 'path': {path} holds no transformers model (no config.json); expected "
                                     "a folder written by save_pretrained")
+        quiet_transformers()
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if getattr(config, "model_type", None) == "vit_mae":
             config.mask_ratio = 0.0

@@ -148,6 +148,14 @@ class _RandConv(RandomConvEncoder):
                            f"on a {self.hist_grid}x{self.hist_grid} grid"}
 
 
+def quiet_transformers() -> None:
+    """Turn off transformers' per-call progress bars ("Loading weights", "Writing model
+    shards"): a frozen encoder is loaded once per notebook, and the bars would fill the book."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def image_encoder(
     name: str,
     spec: EncoderSpec | None = None,
