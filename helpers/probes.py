@@ -39,32 +39,43 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _out_of_fold(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold ridge predictions of every column of ``y`` (n, k). One ridge fit per fold
+    serves all columns (``alpha_per_target``: each column still gets its own penalty, chosen by
+    leave-one-out inside the training fold), so probing k factors costs one decomposition of
+    the embedding per fold, not k."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import GroupKFold, KFold
+
+    if groups is not None:
+        splits = GroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups)
+    else:
+        splits = KFold(folds, shuffle=True, random_state=seed).split(x)
+    pred = np.empty_like(y)
+    for train, test in splits:
+        model = RidgeCV(alphas=_ALPHAS, alpha_per_target=True).fit(x[train], y[train])
+        pred[test] = model.predict(x[test]).reshape(len(test), -1)
+    return pred
+
+
+def _score(y: np.ndarray, pred: np.ndarray, binary: bool) -> float:
+    if binary:
+        return _auc(y, pred)
+    return float(1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
 def probe_scores(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None = None, binary: bool = False,
                  folds: int = 5, seed: int = 0) -> float:
     """Cross-validated probe score of ``y`` from ``x`` (n, d): R^2 (continuous) or AUC
     (``binary``). Out-of-fold predictions from a ridge regression whose penalty is chosen by
     leave-one-out inside each training fold; folds grouped by ``groups`` (e.g. person ids)."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import GroupKFold, KFold
-
     x = _standardise(x)
     y = np.asarray(y, dtype=np.float64)
     if len(y) != len(x):
         raise ValueError(f"Dimension mismatch: 'y' has {len(y)} entries but 'x' has {len(x)} rows")
     if binary and len(np.unique(y)) != 2:
         raise ValueError("probe: a binary factor needs both classes present")
-    if groups is not None:
-        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        splits = splitter.split(x, y, groups)
-    else:
-        splits = KFold(folds, shuffle=True, random_state=seed).split(x)
-    pred = np.empty_like(y)
-    for train, test in splits:
-        model = RidgeCV(alphas=_ALPHAS).fit(x[train], y[train])
-        pred[test] = model.predict(x[test])
-    if binary:
-        return _auc(y, pred)
-    return float(1.0 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return _score(y, _out_of_fold(x, y[:, None], groups, folds, seed)[:, 0], binary)
 
 
 def probe_factors(embedding: np.ndarray, study_ids, factors: pd.DataFrame, visibility: dict[str, tuple[str, ...]],
@@ -89,7 +100,7 @@ def probe_factors(embedding: np.ndarray, study_ids, factors: pd.DataFrame, visib
     if institution is not None:
         keep = (rows["institution"] == institution).to_numpy()
         rows, x = rows[keep], x[keep]
-    out = []
+    out, probed = [], []
     for factor, shown_by in visibility.items():
         if factor not in rows.columns:
             continue
@@ -101,6 +112,11 @@ def probe_factors(embedding: np.ndarray, study_ids, factors: pd.DataFrame, visib
         if len(values) < 2 or not np.isfinite(y).all():
             out.append({**base, "score": np.nan, "note": "constant or missing in these studies"})
             continue
-        score = probe_scores(x, y, groups=rows["person_id"].astype(str).to_numpy(), binary=binary, seed=seed)
-        out.append({**base, "score": score, "note": ""})
+        out.append({**base, "score": np.nan, "note": ""})
+        probed.append((len(out) - 1, y, binary))
+    if probed:
+        targets = np.column_stack([y for _, y, _ in probed])
+        pred = _out_of_fold(_standardise(x), targets, rows["person_id"].astype(str).to_numpy(), 5, seed)
+        for column, (row, y, binary) in enumerate(probed):
+            out[row]["score"] = _score(y, pred[:, column], binary)
     return pd.DataFrame(out, columns=["factor", "shown_by", "metric", "score", "n", "note"])
