@@ -6,6 +6,22 @@ demographics, diagnoses, medications, procedures, and labs or vitals binned agai
 reference range. The PE list follows the variables of the PESI score; the MACE list those of
 the PREVENT equations. ``features_table(task)`` shows the declaration; ``onehot_features``
 computes it with DuckDB.
+
+Which records a feature may read (the index rule; the same as the MEDS / clmbr_mini path):
+a condition, drug, procedure or measurement record is used only if it is strictly before the
+study's ``index_time`` (the CT acquisition time):
+
+* when its datetime column (``condition_start_datetime``, ``drug_exposure_start_datetime``,
+  ``procedure_datetime``, ``measurement_datetime``) exists and is not null, it is used iff
+  ``datetime < index_time``;
+* otherwise (datetime null, or the column absent) it is used iff its date
+  (``condition_start_date``, ``drug_exposure_start_date``, ``procedure_date``,
+  ``measurement_date``) is strictly before the index date: a date-only record of the index day
+  may have been written after the scan, so it is never used.
+
+Nothing recorded at the scan (same instant) or later, on the index day or after, reaches a
+feature. Within that, a record also has to fall in the feature's look-back window: its date
+(the datetime's date when the date is null) is on or after ``index date - lookback_days``.
 """
 
 from __future__ import annotations
@@ -27,10 +43,12 @@ class Feature:
     """One binary feature.
 
     ``kind`` is ``age`` (age at index >= ``threshold`` years), ``sex`` (male), ``condition``,
-    ``drug`` or ``procedure`` (any record of ``group`` in the ``lookback_days`` before the
-    index, index day included), or ``lab`` (the last value of ``group`` in the window is
-    above (``direction="high"``) or below (``"low"``) ``threshold``, in the unit of
-    ``helpers.vocabulary.LABS``; ``threshold=None`` means the reference range's bound).
+    ``drug`` or ``procedure`` (any record of ``group`` strictly before the index CT and dated
+    on or after ``index date - lookback_days``), or ``lab`` (the last value of ``group`` in
+    that window is above (``direction="high"``) or below (``"low"``) ``threshold``, in the
+    unit of ``helpers.vocabulary.LABS``; ``threshold=None`` means the reference range's
+    bound). "Strictly before the index CT" is the module's index rule: ``datetime <
+    index_time`` when the record's datetime is known, else ``date < index date``.
     """
 
     name: str
@@ -137,9 +155,49 @@ def _pairs(groups: list[str]) -> str:
     )
 
 
-def _flags(con, table: str, concept_col: str, date_col: str, features: list[Feature]) -> pd.DataFrame:
+# feature kind -> OMOP table, concept column, datetime column, date column
+_RECORDS: dict[str, tuple[str, str, str, str]] = {
+    "condition": ("condition_occurrence", "condition_concept_id", "condition_start_datetime", "condition_start_date"),
+    "drug": ("drug_exposure", "drug_concept_id", "drug_exposure_start_datetime", "drug_exposure_start_date"),
+    "procedure": ("procedure_occurrence", "procedure_concept_id", "procedure_datetime", "procedure_date"),
+    "lab": ("measurement", "measurement_concept_id", "measurement_datetime", "measurement_date"),
+}
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """SQL over a record ``t`` joined to its study ``s`` (``_studies``): ``before`` is the
+    index rule (module docstring), ``day`` the record's date for the look-back window, ``at``
+    its time for ordering (a date-only record at 23:59:59 of its day, as in ``helpers.meds``)."""
+
+    before: str
+    day: str
+    at: str
+
+
+def _timing(con, table: str, dt_col: str, date_col: str, alias: str = "t") -> _Timing:
+    columns = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+    dt = f"CAST({alias}.{dt_col} AS TIMESTAMP)" if dt_col in columns else None
+    date = f"CAST({alias}.{date_col} AS DATE)" if date_col in columns else None
+    if dt and date:
+        return _Timing(
+            before=f"(CASE WHEN {dt} IS NOT NULL THEN {dt} < s.index_time ELSE {date} < s.index_day END)",
+            day=f"coalesce({date}, CAST({dt} AS DATE))",
+            at=f"coalesce({dt}, CAST({date} AS TIMESTAMP) + INTERVAL 86399 SECOND)",
+        )
+    if dt:
+        return _Timing(before=f"{dt} < s.index_time", day=f"CAST({dt} AS DATE)", at=dt)
+    if date:
+        return _Timing(before=f"{date} < s.index_day", day=date,
+                       at=f"CAST({date} AS TIMESTAMP) + INTERVAL 86399 SECOND")
+    raise ValueError(f"OMOP table {table!r} has neither {dt_col!r} nor {date_col!r}: cannot place its records in time")
+
+
+def _flags(con, kind: str, features: list[Feature]) -> pd.DataFrame:
     if not features:
         return pd.DataFrame(columns=["study_id", "name"])
+    table, concept_col, dt_col, date_col = _RECORDS[kind]
+    timing = _timing(con, table, dt_col, date_col)
     groups = sorted({f.group for f in features})
     windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
     query = f"""
@@ -152,8 +210,8 @@ def _flags(con, table: str, concept_col: str, date_col: str, features: list[Feat
         JOIN {table} t ON t.person_id = s.person_key
         JOIN ids ON ids.concept_id = t.{concept_col}
         JOIN feats ON feats.grp = ids.grp
-        WHERE t.{date_col} <= s.index_date
-          AND t.{date_col} >= s.index_date - feats.lookback * INTERVAL 1 DAY
+        WHERE {timing.before}
+          AND {timing.day} >= s.index_day - feats.lookback * INTERVAL 1 DAY
     """
     return con.execute(query).df()
 
@@ -161,6 +219,8 @@ def _flags(con, table: str, concept_col: str, date_col: str, features: list[Feat
 def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not features:
         return pd.DataFrame(columns=["study_id", "name"]), pd.DataFrame(columns=["lab", "unit", "rows"])
+    table, _, dt_col, date_col = _RECORDS["lab"]
+    timing = _timing(con, table, dt_col, date_col, alias="m")
     groups = sorted({f.group for f in features})
     units = ", ".join(
         f"('{g}', '{LABS[g].unit}', 1.0)"
@@ -174,14 +234,14 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
              feats(name, grp, lookback) AS (VALUES {windows}),
              ids AS (SELECT c.concept_id, codes.grp FROM concept c JOIN codes USING (vocabulary_id, concept_code)),
              rows AS (
-                SELECT s.study_id, feats.name, ids.grp, m.measurement_datetime AS at, m.measurement_id,
+                SELECT s.study_id, feats.name, ids.grp, {timing.at} AS at, m.measurement_id,
                        m.value_as_number AS value, m.unit_source_value AS unit
                 FROM _studies s
                 JOIN measurement m ON m.person_id = s.person_key
                 JOIN ids ON ids.concept_id = m.measurement_concept_id
                 JOIN feats ON feats.grp = ids.grp
-                WHERE m.measurement_date <= s.index_date
-                  AND m.measurement_date >= s.index_date - feats.lookback * INTERVAL 1 DAY)
+                WHERE {timing.before}
+                  AND {timing.day} >= s.index_day - feats.lookback * INTERVAL 1 DAY)
     """
     values = con.execute(
         base
@@ -219,8 +279,11 @@ def onehot_features(con: duckdb.DuckDBPyConnection, cohort: pd.DataFrame, task: 
     """Compute ``task``'s one-hot features for every study of ``cohort``.
 
     ``con`` is a DuckDB connection with the OMOP views (``helpers.cohort.connect_omop``);
-    ``cohort`` needs ``study_id``, ``person_id`` and ``index_time``. Only records dated on or
-    before the index date enter a feature.
+    ``cohort`` needs ``study_id``, ``person_id`` and ``index_time``. A condition, drug,
+    procedure or measurement record enters a feature only if it is strictly before the index
+    CT: ``datetime < index_time`` when its ``*_datetime`` is present and not null, else
+    ``date < index date`` (a date-only record of the index day is never used); and only if
+    its date is within the feature's look-back window. Age is taken at the index date.
     """
     get_task(task)
     features = FEATURES[task]
@@ -229,19 +292,14 @@ def onehot_features(con: duckdb.DuckDBPyConnection, cohort: pd.DataFrame, task: 
             "study_id": cohort["study_id"].astype(str).to_numpy(),
             "person_key": pd.to_numeric(cohort["person_id"]).astype("int64").to_numpy(),
             "index_date": pd.to_datetime(cohort["index_time"]).dt.normalize().to_numpy(),
+            "index_day": pd.to_datetime(cohort["index_time"]).dt.date.to_numpy(),  # DuckDB DATE
             "index_time": pd.to_datetime(cohort["index_time"]).to_numpy(),
         }
     )
     con.register("_studies", studies)
     try:
-        parts = [
-            _flags(con, "condition_occurrence", "condition_concept_id", "condition_start_date",
-                   [f for f in features if f.kind == "condition"]),
-            _flags(con, "drug_exposure", "drug_concept_id", "drug_exposure_start_date",
-                   [f for f in features if f.kind == "drug"]),
-            _flags(con, "procedure_occurrence", "procedure_concept_id", "procedure_date",
-                   [f for f in features if f.kind == "procedure"]),
-        ]
+        parts = [_flags(con, kind, [f for f in features if f.kind == kind])
+                 for kind in ("condition", "drug", "procedure")]
         labs, unusable = _labs(con, [f for f in features if f.kind == "lab"])
         parts.append(labs)
         person = con.execute(

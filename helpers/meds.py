@@ -21,9 +21,13 @@ Mapping choices (each one stated where it matters downstream):
 * ``subject_id`` is OMOP ``person.person_id`` unchanged (int64). The cohort table's
   ``person_id`` is the same number written as a string, so ``cohort_subject_ids(cohort)``
   is ``int64(person_id)``; ``person_source_value`` is not used.
-* Event times are the OMOP ``*_datetime`` columns; a record with only a date is placed at
-  23:59:59 of that day (as meds_etl does), so a date-only record is never seen as earlier than
-  something that happened later that day (an index CT in particular).
+* Event times are the OMOP ``*_datetime`` columns; a record with only a date (datetime null
+  or column absent) is placed at 23:59:59 of that day (as meds_etl does), so a date-only record
+  is never seen as earlier than something that happened later that day (an index CT in
+  particular). A reader that keeps the events with ``time < index_time`` (``clmbr_mini``)
+  thus applies the index rule of ``helpers.ehr``: a timed record counts iff ``datetime <
+  index_time``, a date-only one iff its date is before the index date (``clmbr_mini`` cuts a
+  CT in the last second of a day, after 23:59:59, at 23:59:59 so that this stays exact).
 * Gender is a static event (``time`` null). ``MEDS_BIRTH`` is at ``birth_datetime``, else at
   ``year/month/day_of_birth`` (month 7 and day 1 when missing).
 * Visits are exported at their start; conditions, drugs and procedures at their start;
@@ -106,12 +110,13 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
 
 
 def _time_expr(columns: set[str], dt: str, date: str, alias: str = "t") -> str:
-    """SQL for an event's time: the datetime, else the date at 23:59:59."""
+    """SQL for an event's time: the datetime, else the date at 23:59:59 (the date's day, even
+    when the date column is stored as a timestamp)."""
     parts = []
     if dt in columns:
         parts.append(f"CAST({alias}.{dt} AS TIMESTAMP)")
     if date in columns:
-        parts.append(f"CAST({alias}.{date} AS TIMESTAMP) + INTERVAL 86399 SECOND")
+        parts.append(f"CAST(CAST({alias}.{date} AS DATE) AS TIMESTAMP) + INTERVAL 86399 SECOND")
     if not parts:
         raise MedsError(f"OMOP table lacks both {dt!r} and {date!r}")
     return parts[0] if len(parts) == 1 else f"coalesce({', '.join(parts)})"

@@ -24,7 +24,12 @@ patient representation. This module is the same idea at laptop scale:
 * **Representation at the index time** (``ClmbrMiniEncoder.embed``): the final hidden state
   (after the last layer norm) at the last event *strictly before* the study's ``index_time``.
   Events at or after the index, including those of the same minute, are never read, so
-  anything recorded at the CT or later cannot leak into the embedding. A subject with no timed
+  anything recorded at the CT or later cannot leak into the embedding. With the MEDS export
+  (``helpers.meds``) this is the index rule of ``helpers.ehr``: an OMOP record with a datetime
+  is read iff ``datetime < index_time``; a date-only record sits at 23:59:59 of its day, so it
+  is read iff its date is before the index date. (For a CT in the last second of a day, after
+  23:59:59, the cut is at 23:59:59: MEDS cannot tell a date-only record of that day from one
+  timed at 23:59:59, and neither is read.) A subject with no timed
   event before the index (or absent from the events) gets the state after ``[BOS]`` and its
   static codes (and ``MEDS_BIRTH`` with its age when present: a learned state); studies with
   no clinical event (other than birth and static codes) before the index are counted in
@@ -63,6 +68,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]")
 N_TIME_FEATURES = 3
 _BIRTH = "MEDS_BIRTH"
 _US_PER_DAY = 86_400_000_000
+_LAST_SECOND_US = 86_399_000_000  # 23:59:59, where helpers.meds places a date-only record
 _US_PER_YEAR = 365.25 * _US_PER_DAY
 
 
@@ -525,7 +531,8 @@ class ClmbrMiniEncoder:
             "dim": self.dim,
             "vocab_size": self.tokenizer.size,
             "config": asdict(self.config),
-            "representation": "final hidden state after the last MEDS event strictly before index_time; "
+            "representation": "final hidden state after the last MEDS event strictly before index_time "
+            "(before 23:59:59 of the index day for a CT in the day's last second); "
             "no prior timed event: state after [BOS] + static codes",
             "last_stats": self.last_stats,
         }
@@ -533,7 +540,8 @@ class ClmbrMiniEncoder:
     def embed(self, events: pd.DataFrame, cohort: pd.DataFrame) -> np.ndarray:
         """Embeddings of ``cohort``'s studies (rows in cohort order), float32, shape
         (n_studies, dim). ``events``: MEDS events (``helpers.meds``); ``cohort``: ``person_id``
-        (string of the MEDS ``subject_id``) and ``index_time``. Sets ``last_stats``."""
+        (string of the MEDS ``subject_id``) and ``index_time``. Only events with ``time <
+        min(index_time, index day 23:59:59)`` are read. Sets ``last_stats``."""
         from helpers.meds import cohort_subject_ids
 
         for column in ("person_id", "index_time"):
@@ -541,6 +549,9 @@ class ClmbrMiniEncoder:
                 raise ClmbrMiniError(f"cohort lacks column {column!r}")
         subject_ids = cohort_subject_ids(cohort)
         index_us = pd.to_datetime(cohort["index_time"]).astype("datetime64[us]").to_numpy().astype(np.int64)
+        # A date-only OMOP record is placed at 23:59:59 of its day (helpers.meds): never read it
+        # for a CT of that day, even one in the day's last second (cut at 23:59:59 then).
+        index_us = np.minimum(index_us, index_us // _US_PER_DAY * _US_PER_DAY + _LAST_SECOND_US)
         wanted = events[events["subject_id"].isin(np.unique(subject_ids))]
         lines = _Timelines.build(wanted, self.tokenizer)
         ks = lines.locate(subject_ids)
