@@ -26,8 +26,14 @@ population, with non-linear terms), and the interaction couples one CT-only and 
 factor (pe: clot burden and RV strain matter more with cancer or lung disease; mace: coronary
 calcium matters more with diabetes). Event times follow a Weibull proportional-hazards model
 whose baseline is calibrated per institution (deterministic bisection) to the paper's event
-rates. Outcomes are never labelled: deaths are ``death`` rows, MACE events are post-index
-condition codes, censoring is the end of the observation period.
+rates. A patient's event time is drawn once, from the log-hazard of the first study; a later
+PE study shows a new clot burden and RV strain but the same outcome, so in
+``ground_truth/factors.parquet`` every study's ``true_log_hazard`` (and its ``image_part``,
+``ehr_part``, ``interaction_part``) is that of the patient's first study, the one that
+generated the outcome, while ``scan_log_hazard`` is the log-hazard of the study's own factors
+(equal to ``true_log_hazard`` for first studies and for mace). Outcomes are never labelled:
+deaths are ``death`` rows, MACE events are post-index condition codes, censoring is the end of
+the observation period.
 
 The CT volumes are phantoms at 64 x 64 pixels of 5.5-6 mm: body, lungs, heart and
 ventricles, aorta, spine and the pulmonary arteries (trunk, main branches, three lobar
@@ -69,6 +75,7 @@ from scipy.special import ndtri
 from helpers import vocabulary as voc
 from helpers.cohort import IMAGING_INDEX_COLUMNS
 from helpers.imaging import Volume, write_dicom_series, write_nifti
+from helpers.metrics import NoComparablePairsError, harrell_c
 from helpers.tasks import TASKS
 
 __all__ = [
@@ -82,7 +89,7 @@ __all__ = [
     "generate",
 ]
 
-GENERATOR_VERSION = "1.1.0"
+GENERATOR_VERSION = "1.2.0"
 
 # Numbers of CT studies per task and institution.
 PROFILES: dict[str, dict[str, dict[str, int]]] = {
@@ -520,7 +527,7 @@ class _Cohort:
     study_patient: np.ndarray  # (n_studies,) patient index
     study_rank: np.ndarray  # (n_studies,) 0 for a patient's first study
     factors: dict[str, np.ndarray]  # per study
-    hazard: dict[str, np.ndarray]  # per study
+    hazard: dict[str, np.ndarray]  # per study: generating log-hazard, its parts, scan's own
     first_time: np.ndarray  # (n_patients,) epoch s of the first index CT
     study_offset: np.ndarray  # (n_studies,) days after the first index
     event_time: np.ndarray  # (n_patients,) days, first event (death for pe)
@@ -572,7 +579,11 @@ def _simulate_cohort(
         sf["rv_strain"] = np.where(
             later, resid[study_patient] + 0.6 * sf["clot_burden"], sf["rv_strain"]
         )
-    hazard = _log_hazard(task, spec, sf, std, image_share)
+    scan = _log_hazard(task, spec, sf, std, image_share)
+    # the event time is drawn once per patient from the first study's log-hazard: that is the
+    # true log-hazard of every study of the patient; a later scan's own one is kept apart
+    hazard = {k: v[starts[study_patient]] for k, v in scan.items()}
+    hazard["scan_log_hazard"] = scan["true_log_hazard"]
     lp_first = hazard["true_log_hazard"][starts]
 
     horizon = float(TASKS[task].horizon_days)
@@ -1475,18 +1486,14 @@ def _recorded_outcomes(task: str, c: _Cohort, ehr: dict[str, Any]) -> dict[str, 
     return {"time": time_, "event": event.astype(np.int64), "valid": valid}
 
 
-def _harrell_c(time_: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C (higher risk = earlier event), ties in risk count one half."""
-    conc = 0.0
-    comp = 0.0
-    idx = np.flatnonzero(event == 1)
-    for chunk in np.array_split(idx, max(1, len(idx) // 256)):
-        ti = time_[chunk][:, None]
-        ri = risk[chunk][:, None]
-        ok = time_[None, :] > ti
-        comp += ok.sum()
-        conc += (ok & (ri > risk[None, :])).sum() + 0.5 * (ok & (ri == risk[None, :])).sum()
-    return float(conc / comp) if comp else float("nan")
+def _oracle_c(time_: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """``helpers.metrics.harrell_c``, NaN where undefined (under 2 studies, no comparable pair)."""
+    if len(time_) < 2:
+        return float("nan")
+    try:
+        return harrell_c(time_, event, risk)
+    except NoComparablePairsError:
+        return float("nan")
 
 
 # ---------------------------------------------------------------- images
@@ -1867,7 +1874,8 @@ def generate(
     Each task is written to ``out_dir/<task>.tmp`` and renamed at the end, replacing an older
     twin. The summary, also written to ``out_dir/<task>/twin.json``, maps ``tasks`` ->
     task -> counts, event rates (observed event fraction within the task horizon, from the
-    records), oracle C-index of ``true_log_hazard``, defects and wall time.
+    records), oracle C-index of ``true_log_hazard`` (``helpers.metrics.harrell_c`` on the
+    studies a cohort builder keeps), defects and wall time.
     """
     t_all = time.perf_counter()
     sizes = _check_sizes(profile, n_override)
@@ -1973,7 +1981,7 @@ def _generate_task(
             "target_event_fraction": spec.target_rate[inst],
             "observed_event_fraction": round(float(rec["event"][valid].mean()), 4),
             "oracle_c_index": round(
-                _harrell_c(
+                _oracle_c(
                     rec["time"][valid], rec["event"][valid], c.hazard["true_log_hazard"][valid]
                 ),
                 4,

@@ -317,6 +317,77 @@ def test_event_rates_near_targets(moderate: tuple[Path, dict]) -> None:
             assert 0.75 < c < 0.93, (task, site, c)
 
 
+HAZARD_COLUMNS = ("image_part", "ehr_part", "interaction_part", "true_log_hazard")
+
+
+@pytest.mark.parametrize("task", ["pe", "mace"])
+def test_every_study_carries_the_hazard_that_generated_its_outcome(
+    moderate: tuple[Path, dict], task: str
+) -> None:
+    """A patient's event time is drawn once, from the first study's log-hazard, so that is the
+    true log-hazard (and parts) of each of the patient's studies; ``scan_log_hazard`` is the
+    log-hazard of the study's own factors. Both recomputed from the stored factors."""
+    root, summary = moderate
+    f = pd.read_parquet(root / task / "ground_truth" / "factors.parquet")
+    index = pd.read_parquet(root / task / "imaging_index.parquet")
+    assert (f["study_id"] == index["study_id"]).all()
+    # row of each study's first study: the patient's earliest (equal times: the first row)
+    order = index.sort_values("study_datetime", kind="stable")
+    first_of = pd.Series(order.index, index=order["person_id"]).groupby(level=0).first()
+    src = first_of.loc[index["person_id"]].to_numpy()
+    repeat = src != np.arange(len(f))
+    assert repeat.sum() > 20
+
+    spec = twin._SPECS[task]
+    params = summary["tasks"][task]["parameters"]
+    std = twin._standardiser(task, spec, params["seed"], list(TASKS).index(task))
+    own = {k: f[k].to_numpy() for k in twin.FACTOR_COLUMNS}
+    scan = twin._log_hazard(task, spec, own, std, params["image_share"])
+    for k in HAZARD_COLUMNS:
+        np.testing.assert_allclose(f[k], scan[k][src], rtol=0, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(f["scan_log_hazard"], scan["true_log_hazard"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        f["true_log_hazard"], f["image_part"] + f["ehr_part"] + f["interaction_part"], atol=1e-12
+    )
+    same = np.isclose(f["scan_log_hazard"], f["true_log_hazard"], rtol=0, atol=1e-12)
+    assert same[~repeat].all()
+    if task == "pe":  # a later CTPA shows a new clot, so its own hazard differs
+        assert not same[repeat].any()
+    else:  # mace: later studies show the same factors
+        assert same.all()
+
+
+@pytest.mark.parametrize("task", ["pe", "mace"])
+def test_oracle_c_index_is_harrell_c_of_the_true_log_hazard(
+    moderate: tuple[Path, dict], task: str
+) -> None:
+    """The summary's oracle C is ``helpers.metrics.harrell_c`` (lifelines' pairs: a censoring
+    at the time of an event is comparable) of ``true_log_hazard`` on the studies a cohort
+    builder keeps, per institution."""
+    from helpers.metrics import harrell_c
+
+    root, summary = moderate
+    f = pd.read_parquet(root / task / "ground_truth" / "factors.parquet")
+    valid = f[(f["defect"] == "") & (f["recorded_time_days"] > 0)]
+    tied = 0
+    for site, part in valid.groupby("institution"):
+        expected = harrell_c(
+            part["recorded_time_days"], part["recorded_event"], part["true_log_hazard"]
+        )
+        reported = summary["tasks"][task]["event_rates"][site]["oracle_c_index"]
+        assert reported == pytest.approx(expected, abs=5e-5), (site, reported, expected)
+        event_times = set(part.loc[part["recorded_event"] == 1, "recorded_time_days"])
+        tied += part.loc[part["recorded_event"] == 0, "recorded_time_days"].isin(event_times).sum()
+    assert tied > 0  # censorings at an event time: the pairs only harrell_c counts
+
+
+def test_oracle_c_index_nan_without_comparable_pairs() -> None:
+    time_ = np.array([3.0, 5.0, 8.0])
+    assert np.isnan(twin._oracle_c(time_, np.zeros(3, np.int64), np.array([0.1, 0.2, 0.3])))
+    assert np.isnan(twin._oracle_c(time_[:1], np.ones(1, np.int64), np.array([0.1])))
+    assert twin._oracle_c(time_, np.array([1, 0, 1]), np.array([0.3, 0.2, 0.1])) == 1.0
+
+
 @pytest.mark.parametrize("task", ["pe", "mace"])
 def test_image_share_moves_the_signal(tmp_path: Path, task: str) -> None:
     """image_share 0: the CT part is zero; 1: the EHR part is zero; the interaction stays."""
@@ -495,6 +566,7 @@ def test_no_factor_outside_ground_truth(tiny: tuple[Path, dict]) -> None:
     root, _ = tiny
     hidden = set(twin.FACTOR_COLUMNS) | {
         "true_log_hazard",
+        "scan_log_hazard",
         "image_part",
         "ehr_part",
         "interaction_part",
