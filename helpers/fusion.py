@@ -1,7 +1,9 @@
 """Fusion strategies: modules from (image embedding, EHR embedding) to a survival output.
 
-Tensors in, tensors out, no file I/O. Inputs are standardised with statistics of the training
-split that the module stores as buffers, so a saved model scores new data by itself.
+Tensors in, tensors out, no file I/O. Every input (pooled embeddings and per-slice tokens, of
+every strategy) goes through the same scaler fitted on the training split
+(``helpers.scaling``: near-constant columns dropped, standardised values bounded at +-5),
+stored as buffers, so a saved model scores new data by itself.
 
 The seven strategies of the study (DESIGN.md, paper section 2.2):
 
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.scaling import CLIP, fit_scaler
 from helpers.survival import LOSSES, MLPHead, hidden_widths, weibull_risk
 from helpers.tasks import FUSIONS, check_choice
 
@@ -102,19 +105,25 @@ def retrieval_accuracy(h_img: torch.Tensor, h_ehr: torch.Tensor) -> float:
 
 
 class _Standardise(nn.Module):
-    """(x - mean) / scale over the last dimension; works on (n, d) and (n, T, d)."""
+    """The training split's scaler (``helpers.scaling.fit_scaler``: near-constant columns
+    dropped, values bounded at +-5 standard deviations) over the last dimension; works on
+    (n, d) and (n, T, d)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("keep", torch.ones(dim))
+        self.clip = CLIP
 
     def fit(self, x: torch.Tensor) -> None:
-        self.mean.copy_(x.mean(0))
-        self.scale.copy_(x.std(0).clamp_min(1e-6))
+        scaler = fit_scaler(x.detach().cpu().double().numpy())
+        self.mean.copy_(torch.as_tensor(scaler.mean))
+        self.scale.copy_(torch.as_tensor(scaler.scale))
+        self.keep.copy_(torch.as_tensor(scaler.keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
+        return ((x - self.mean) / self.scale).clamp(-self.clip, self.clip) * self.keep
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

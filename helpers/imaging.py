@@ -6,7 +6,8 @@ A :class:`Volume` holds a CT in the patient's LPS frame (DICOM convention): arra
 
 ``load_volume`` reads either format into that frame; ``write_nifti`` and
 ``write_dicom_series`` write it back (int16 NIfTI with a RAS affine; one uncompressed CT Image
-Storage file per slice). ``window`` maps HU to ``[0, 1]`` for numpy arrays and torch tensors.
+Storage file per slice). ``window`` maps HU to ``[0, 1]`` for numpy arrays and torch tensors; ``air_offset`` estimates a
+scan's HU calibration error from the air around the patient.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from pydicom.uid import (
 )
 
 __all__ = [
+    "AIR_HU",
     "Volume",
     "VolumeFormatError",
+    "air_offset",
     "load_volume",
     "window",
     "write_nifti",
@@ -45,6 +48,14 @@ __all__ = [
 _INT16_MIN, _INT16_MAX = -32768, 32767
 # DICOM pixels are stored unsigned as HU + 1024, the usual CT convention.
 _DICOM_INTERCEPT = -1024.0
+
+
+# Air is -1000 HU by the definition of the Hounsfield scale.
+AIR_HU = -1000.0
+# Border voxels below this count as air (lung parenchyma is above it only in part, fat and
+# soft tissue never are); the estimate needs this share of the border to be air.
+_AIR_THRESHOLD_HU = -900.0
+_AIR_MIN_SHARE = 0.25
 
 
 class VolumeFormatError(ValueError):
@@ -110,6 +121,35 @@ def window(hu: Any, lo: float, hi: float) -> Any:
     if not hasattr(hu, "clip"):
         raise TypeError(f"window: expected a numpy array or torch tensor, got {type(hu).__name__}")
     return (hu.clip(lo, hi) - lo) / (hi - lo)
+
+
+def air_offset(hu: np.ndarray, *, border: int = 2, max_offset: float = 150.0) -> float:
+    """How far a scan's air reads from -1000 HU: the median of the air voxels on the in-plane
+    border of the volume (the ``border`` outermost rows and columns of every slice, the voxels
+    below -900 HU) minus -1000. Subtracting it calibrates the scan (``hu - air_offset(hu)``).
+
+    The median is robust to noise and to vendors that clip at -1024 HU, as long as fewer than
+    half of the air voxels are clipped. Returns 0.0 when under a quarter of the border is air
+    (e.g. a field of view cropped to the body) or when the estimate is beyond ``max_offset``
+    HU, so a scan without air in view is left as it is.
+
+    >>> hu = np.full((2, 8, 8), -980.0, np.float32); hu[:, 3:5, 3:5] = 40.0
+    >>> air_offset(hu)
+    20.0
+    """
+    arr = np.asarray(hu)
+    if arr.ndim != 3:
+        raise ValueError(f"air_offset: expected a (z, y, x) volume, got shape {arr.shape}")
+    b = int(border)
+    if b < 1 or 2 * b >= min(arr.shape[1:]):
+        raise ValueError(f"air_offset: 'border' must be >= 1 and leave an interior, got {border} for shape {arr.shape}")
+    ring = np.concatenate([arr[:, :b, :].ravel(), arr[:, -b:, :].ravel(),
+                           arr[:, b:-b, :b].ravel(), arr[:, b:-b, -b:].ravel()])
+    air = ring[ring < _AIR_THRESHOLD_HU]
+    if air.size < _AIR_MIN_SHARE * ring.size:
+        return 0.0
+    offset = float(np.median(air)) - AIR_HU
+    return offset if abs(offset) <= max_offset else 0.0
 
 
 def load_volume(path: str | os.PathLike[str]) -> Volume:

@@ -15,18 +15,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from helpers.scaling import fit_scaler
+
 __all__ = ["probe_scores", "probe_factors"]
 
 _ALPHAS = np.logspace(-1, 5, 13)
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    keep = x.std(axis=0) > 1e-6
-    if not keep.any():
+    """The models' scaler (``helpers.scaling``) fitted on these rows, dropped columns removed."""
+    scaler = fit_scaler(np.asarray(x, dtype=np.float64), name="embedding")
+    if not scaler.keep.any():
         raise ValueError("probe: every embedding dimension is constant")
-    x = x[:, keep]
-    return (x - x.mean(axis=0)) / x.std(axis=0)
+    return scaler.transform(x)[:, scaler.keep]
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from helpers.encoders.randconv import RandomConvEncoder
-from helpers.imaging import load_volume, window
+from helpers.imaging import AIR_HU, Volume, air_offset, load_volume, window
 from helpers.manifest import EncoderSpec
 
 __all__ = [
@@ -77,12 +77,33 @@ class ImageEncoder(Protocol):
 
 @dataclass(frozen=True)
 class SlicePreprocess:
-    """Volume preprocessing: HU window ``(lo, hi)``, number of axial slices kept (evenly
-    spaced over the volume) and in-plane size in pixels."""
+    """Volume preprocessing, the same for every encoder: HU window ``(lo, hi)``, number of
+    axial slices kept (evenly spaced over the volume) and in-plane size in pixels.
+
+    Two steps make a scan from another scanner look like the training scans where only the
+    scanner differs:
+
+    * ``calibrate_air`` (default on): the scan is shifted so that the air around the patient
+      reads -1000 HU (``helpers.imaging.air_offset``). Scanners differ by tens of HU, and in a
+      narrow window (MACE: 350 HU wide) a 20 HU offset moves every soft-tissue pixel by 6% of
+      the range.
+    * ``fov_mm`` (default 384): each slice is cropped or padded with air, about its centre, to
+      a square field of view of this many millimetres before it is resized to ``size``, so a
+      pixel is ``fov_mm / size`` mm whatever the scanner's pixel spacing (a 352 mm field of
+      view at 5.5 mm would otherwise show the body 9% larger than one of 384 mm at 6 mm, and
+      every regional feature would see other anatomy). ``None`` resizes the whole slice, as
+      encoders pretrained on whole images expect. Resizing is bilinear with antialiasing.
+
+    Calling it takes a ``helpers.imaging.Volume`` (or a (z, y, x) HU array with ``spacing``,
+    needed when ``fov_mm`` is set) and returns float32 (n_slices, 1, size, size) in [0, 1].
+    """
 
     window_hu: tuple[float, float]
     n_slices: int = 16
     size: int = 64
+    calibrate_air: bool = True
+    fov_mm: float | None = 384.0
+    slab_mm: float | None = 5.0
 
     def __post_init__(self) -> None:
         lo, hi = self.window_hu
@@ -90,21 +111,80 @@ class SlicePreprocess:
             raise ValueError(f"window_hu must be (lo, hi) with hi > lo, got {self.window_hu}")
         if self.n_slices < 1 or self.size < 1:
             raise ValueError(f"n_slices and size must be >= 1, got n_slices={self.n_slices}, size={self.size}")
+        if self.slab_mm is not None and not self.slab_mm > 0:
+            raise ValueError(f"slab_mm must be a positive number of millimetres or None, got {self.slab_mm}")
+        if self.fov_mm is not None and not self.fov_mm > 0:
+            raise ValueError(f"fov_mm must be a positive number of millimetres or None, got {self.fov_mm}")
 
-    def __call__(self, hu: np.ndarray) -> torch.Tensor:
-        """(z, y, x) HU array -> float32 tensor (n_slices, 1, size, size) in [0, 1]."""
+    def __call__(self, volume: Volume | np.ndarray, spacing: tuple[float, float, float] | None = None) -> torch.Tensor:
+        if isinstance(volume, Volume):
+            hu, spacing = volume.hu, volume.spacing
+        else:
+            hu = np.asarray(volume)
         if hu.ndim != 3:
             raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
-        z = hu.shape[0]
-        picks = np.clip(np.round(np.linspace(0, z - 1, self.n_slices)).astype(int), 0, z - 1)
-        slices = torch.from_numpy(np.ascontiguousarray(hu[picks], dtype=np.float32)).unsqueeze(1)
+        # relative to air, so that padding with zeros pads with air
+        selected = self._axial(hu, spacing) - np.float32(AIR_HU)
+        if self.calibrate_air:
+            selected -= np.float32(air_offset(hu))
+        if self.fov_mm is not None:
+            if spacing is None:
+                raise ValueError("SlicePreprocess: fov_mm is set, so the voxel spacing is needed; pass a Volume "
+                                 "or spacing=(z, y, x) mm")
+            selected = _square_fov(selected, float(spacing[1]), float(spacing[2]), self.fov_mm)
+        slices = torch.from_numpy(np.ascontiguousarray(selected)).unsqueeze(1) + AIR_HU
         slices = window(slices, *self.window_hu)
         if slices.shape[-2:] != (self.size, self.size):
-            slices = nn.functional.interpolate(slices, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            slices = nn.functional.interpolate(slices, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                               antialias=True)
         return slices
+
+    def _axial(self, hu: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
+        """``n_slices`` axial slices at evenly spaced positions from the first to the last
+        slice centre. With ``slab_mm`` each is the average of the slices within ``slab_mm`` of
+        that position, weighted ``1 - |distance| / slab_mm`` (a slab of about that thickness:
+        a 5 mm series gives its own slice, a 3 mm series the slice and 40% of each
+        neighbour); without it, the nearest slice."""
+        z = hu.shape[0]
+        positions = np.linspace(0, z - 1, self.n_slices)
+        if self.slab_mm is None or z == 1:
+            picks = np.clip(np.round(positions).astype(int), 0, z - 1)
+            return np.asarray(hu[picks], dtype=np.float32)
+        if spacing is None:
+            raise ValueError("SlicePreprocess: slab_mm is set, so the voxel spacing is needed; pass a Volume "
+                             "or spacing=(z, y, x) mm")
+        distance_mm = np.abs(np.arange(z)[None, :] - positions[:, None]) * float(spacing[0])
+        weights = np.clip(1.0 - distance_mm / float(self.slab_mm), 0.0, None)
+        weights[np.arange(self.n_slices), np.argmin(distance_mm, axis=1)] += 1e-6  # never an empty slab
+        weights /= weights.sum(axis=1, keepdims=True)
+        used = np.flatnonzero(weights.sum(axis=0) > 0)
+        return np.tensordot(weights[:, used].astype(np.float32), np.asarray(hu[used], dtype=np.float32), axes=(1, 0))
 
     def describe(self) -> dict:
         return asdict(self)
+
+
+def _square_fov(slices: np.ndarray, dy: float, dx: float, fov_mm: float) -> np.ndarray:
+    """Crop or zero-pad (z, y, x) about the centre to ``fov_mm`` in y and x (whole pixels at
+    the native spacing ``dy``, ``dx`` mm), then resample x so both axes have the same number
+    of pixels (non-square pixels become square)."""
+    out = slices
+    for axis, step in ((1, dy), (2, dx)):
+        want = max(1, int(round(fov_mm / step)))
+        have = out.shape[axis]
+        if have > want:
+            start = (have - want) // 2
+            out = np.take(out, np.arange(start, start + want), axis=axis)
+        elif have < want:
+            before = (want - have) // 2
+            pad = [(0, 0)] * 3
+            pad[axis] = (before, want - have - before)
+            out = np.pad(out, pad)
+    if out.shape[1] != out.shape[2]:
+        tensor = torch.from_numpy(np.ascontiguousarray(out)).unsqueeze(1)
+        out = nn.functional.interpolate(tensor, size=(out.shape[1], out.shape[1]), mode="bilinear",
+                                        align_corners=False, antialias=True)[:, 0].numpy()
+    return out
 
 
 class VolumeDataset(Dataset):
@@ -125,7 +205,7 @@ class VolumeDataset(Dataset):
             volume = load_volume(self.paths[index])
         except Exception as err:
             raise RuntimeError(f"study {self.study_ids[index]}: cannot read {self.paths[index]}: {err}") from err
-        return index, self.preprocess(volume.hu)
+        return index, self.preprocess(volume)
 
 
 def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
@@ -145,7 +225,8 @@ class _RandConv(RandomConvEncoder):
         return {"kind": "builtin", "name": "randconv", "seed": self.seed, "dim": self.dim, "input_size": self.input_size,
                 "normalisation": "(x - 0.5) / 0.25 for the convolutions, raw [0, 1] for the histograms",
                 "pooling": f"convolution maps averaged on a {self.conv_grid}x{self.conv_grid} grid, soft histograms "
-                           f"on a {self.hist_grid}x{self.hist_grid} grid"}
+                           f"({self.kernel} kernel, after a {self.hist_smooth:g}-pixel Gaussian blur) on a "
+                           f"{self.hist_grid}x{self.hist_grid} grid"}
 
 
 def quiet_transformers() -> None:
