@@ -683,6 +683,288 @@ def test_bootstrap_metric_counts_redraws_and_gives_up():
 
 
 # ---------------------------------------------------------------------------------------------
+# grouped bootstrap: repeat studies of a patient are resampled together
+
+
+def _replay_bootstrap(time, event, risks, n_boot, seed, groups=None):
+    """Reference for the documented draw, written out: blocks of ``min(256, 2**22 // G)``
+    resamples drawn as ``rng.integers(0, G, size=(rows, G))`` over the sorted distinct ids, each
+    drawn group bringing all its rows, each resample scored from scratch with harrell_c.
+    Assumes no resample needs a redraw."""
+    n = len(time)
+    ids = np.arange(n) if groups is None else np.asarray(groups)
+    _, codes = np.unique(ids, return_inverse=True)
+    n_units = codes.max() + 1
+    block = max(1, min(256, 2**22 // n_units))
+    gen = np.random.default_rng(seed)
+    out = []
+    for first in range(0, n_boot, block):
+        for draw in gen.integers(0, n_units, size=(min(block, n_boot - first), n_units)):
+            index = np.concatenate([np.flatnonzero(codes == k) for k in draw])
+            out.append([harrell_c(time[index], event[index], risk[index]) for risk in risks])
+    return np.array(out)
+
+
+def _patients_twice(columns, seed):
+    """Every row of ``columns`` (one row per patient) twice, rows shuffled; with person ids
+    whose sorted order is the original row order."""
+    n = len(next(iter(columns.values())))
+    rows = np.random.default_rng(seed).permutation(np.tile(np.arange(n), 2))
+    person_id = np.array([f"patient-{i:04d}" for i in range(n)])
+    return {key: np.asarray(value)[rows] for key, value in columns.items()}, person_id[rows]
+
+
+def _clustered_ids(n, seed):
+    """Person ids for n rows, 1 + Poisson(0.5) rows per person, in shuffled row order."""
+    gen = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(n), 1 + gen.poisson(0.5, size=n))[:n]
+    return gen.permutation(ids)
+
+
+def test_ungrouped_bootstrap_keeps_its_draws():
+    """groups=None (given or omitted) is the bootstrap of earlier versions: the replayed draws."""
+    time, event, risk = _random_data(300, seed=12, tied=False)
+    other = np.random.default_rng(3).normal(size=300)
+    expected = _replay_bootstrap(time, event, [risk, other], 300, seed=9)
+    for kwargs in ({}, {"groups": None}):
+        result = bootstrap_ci(time=time, event=event, risk=risk, n_boot=300, rng=9, **kwargs)
+        np.testing.assert_array_equal(result.samples, expected[:, 0])
+        assert result.n_redrawn == 0
+        paired = paired_bootstrap_test(
+            time=time, event=event, risk_a=risk, risk_b=other, n_boot=300, rng=9, **kwargs
+        )
+        differences = expected[:, 0] - expected[:, 1]
+        lower, upper = np.quantile(differences, [0.025, 0.975])
+        assert (paired.lower, paired.upper) == (lower, upper)
+    data = {"time": time, "event": event, "risk": risk}
+    # the generic bootstrap draws one resample at a time, rng.integers(0, n, size=n)
+    generic = bootstrap_metric(harrell_c, data, n_boot=40, rng=2, groups=None)
+    gen = np.random.default_rng(2)
+    draws = [gen.integers(0, 300, size=300) for _ in range(40)]
+    replay = [harrell_c(time[i], event[i], risk[i]) for i in draws]
+    np.testing.assert_array_equal(generic.samples, replay)
+
+
+def test_grouped_bootstrap_follows_the_documented_draw():
+    time, event, risk = _random_data(400, seed=13, tied=False)
+    other = np.random.default_rng(4).normal(size=400)
+    person = _clustered_ids(400, seed=1)
+    assert 200 < np.unique(person).size < 350
+    expected = _replay_bootstrap(time, event, [risk, other], 300, seed=5, groups=person)
+    result = bootstrap_ci(time=time, event=event, risk=risk, n_boot=300, rng=5, groups=person)
+    np.testing.assert_array_equal(result.samples, expected[:, 0])
+    assert result.estimate == harrell_c(time=time, event=event, risk=risk)
+    paired = paired_bootstrap_test(
+        time=time, event=event, risk_a=risk, risk_b=other, n_boot=300, rng=5, groups=person
+    )
+    lower, upper = np.quantile(expected[:, 0] - expected[:, 1], [0.025, 0.975])
+    assert (paired.lower, paired.upper) == (lower, upper)
+
+
+@pytest.mark.parametrize("n", [5, 60, 300])
+def test_grouped_matrix_path_equals_explicit_resampling(n):
+    time, event, risk = _random_data(n, seed=n + 1)
+    other = np.random.default_rng(98).normal(size=n)
+    _, codes = np.unique(_clustered_ids(n, seed=n), return_inverse=True)
+    matrix, redrawn_m = _bootstrap_values(
+        time, event, [risk, other], 200, np.random.default_rng(3), "matrix", groups=codes
+    )
+    explicit, redrawn_e = _bootstrap_values(
+        time, event, [risk, other], 200, np.random.default_rng(3), "resample", groups=codes
+    )
+    np.testing.assert_array_equal(matrix, explicit)
+    assert redrawn_m == redrawn_e
+
+
+def test_grouped_bootstrap_large_n_uses_resampling_path():
+    time, event, risk = _random_data(4500, seed=2)
+    person = _clustered_ids(4500, seed=2)
+    result = bootstrap_ci(time=time, event=event, risk=risk, n_boot=3, rng=0, groups=person)
+    _, codes = np.unique(person, return_inverse=True)
+    explicit, _ = _bootstrap_values(
+        time, event, [risk], 3, np.random.default_rng(0), "resample", groups=codes
+    )
+    np.testing.assert_array_equal(result.samples, explicit[:, 0])
+    expected = _replay_bootstrap(time, event, [risk], 3, seed=0, groups=person)
+    np.testing.assert_array_equal(result.samples, expected[:, 0])
+
+
+def test_every_row_its_own_group():
+    time, event, risk = _random_data(250, seed=14, tied=False)
+    plain = bootstrap_ci(time=time, event=event, risk=risk, n_boot=1000, rng=3)
+    # ids sorting in row order: the very same draws
+    same = bootstrap_ci(
+        time=time, event=event, risk=risk, n_boot=1000, rng=3, groups=np.arange(250)
+    )
+    np.testing.assert_array_equal(same.samples, plain.samples)
+    # string ids in another order (a pandas Series): other draws, same distribution
+    ids = pd.Series([f"s{i}" for i in np.random.default_rng(0).permutation(250)])
+    other = bootstrap_ci(time=time, event=event, risk=risk, n_boot=1000, rng=3, groups=ids)
+    assert isinstance(other, BootstrapResult)
+    assert not np.array_equal(other.samples, plain.samples)
+    assert other.estimate == plain.estimate and other.n_boot == 1000 and other.n_redrawn == 0
+    assert other.samples.shape == (1000,) and np.isfinite(other.samples).all()
+    assert other.lower < other.estimate < other.upper
+    assert abs(other.samples.mean() - plain.samples.mean()) < 0.2 * plain.samples.std()
+    assert abs(other.samples.std() - plain.samples.std()) < 0.1 * plain.samples.std()
+
+
+def test_patient_bootstrap_of_duplicated_data_is_that_of_the_deduplicated_data():
+    """Every patient has two identical studies. Resampling patients gives, draw for draw, the
+    bootstrap of one study per patient; resampling studies shrinks the interval by ~1/sqrt(2)."""
+    time, event, risk = _random_data(200, seed=15)
+    other = np.random.default_rng(5).normal(size=200)
+    twice, person = _patients_twice({"time": time, "event": event, "a": risk, "b": other}, 0)
+    once = bootstrap_ci(time=time, event=event, risk=risk, n_boot=1000, rng=8)
+    patients = bootstrap_ci(
+        time=twice["time"], event=twice["event"], risk=twice["a"], n_boot=1000, rng=8,
+        groups=person,
+    )
+    np.testing.assert_array_equal(patients.samples, once.samples)
+    assert (patients.estimate, patients.lower, patients.upper) == (
+        once.estimate, once.lower, once.upper
+    )
+    studies = bootstrap_ci(
+        time=twice["time"], event=twice["event"], risk=twice["a"], n_boot=1000, rng=8
+    )
+    assert studies.estimate == once.estimate
+    assert studies.upper - studies.lower < 0.85 * (once.upper - once.lower)
+    assert studies.samples.std() < 0.8 * once.samples.std()
+
+    paired_once = paired_bootstrap_test(
+        time=time, event=event, risk_a=risk, risk_b=other, n_boot=500, rng=4
+    )
+    paired_patients = paired_bootstrap_test(
+        time=twice["time"], event=twice["event"], risk_a=twice["a"], risk_b=twice["b"],
+        n_boot=500, rng=4, groups=person,
+    )
+    assert paired_patients == paired_once
+
+
+def test_grouped_bootstrap_redraws_like_the_deduplicated_data():
+    # Only patient 0 has an event; a resample is scorable only with patient 0 and another.
+    once = bootstrap_ci(
+        time=[1.0, 2.0, 3.0], event=[1, 0, 0], risk=[0.9, 0.5, 0.1], n_boot=300, rng=0
+    )
+    twice, person = _patients_twice(
+        {"time": [1.0, 2.0, 3.0], "event": [1, 0, 0], "risk": [0.9, 0.5, 0.1]}, 1
+    )
+    grouped = bootstrap_ci(**twice, n_boot=300, rng=0, groups=person)
+    assert 50 < grouped.n_redrawn < 250
+    assert grouped.n_redrawn == once.n_redrawn
+    np.testing.assert_array_equal(grouped.samples, 1.0)
+    # Redraws among varying values: the grouped draws fill the same slots block by block.
+    few = {"time": np.arange(1.0, 9.0), "event": [1, 0, 1, 0, 0, 0, 0, 0],
+           "risk": [0.5, 0.9, 0.1, 0.3, 0.2, 0.0, 0.4, 0.6]}
+    once = bootstrap_ci(**few, n_boot=600, rng=3)
+    twice, person = _patients_twice(few, 4)
+    grouped = bootstrap_ci(**twice, n_boot=600, rng=3, groups=person)
+    assert grouped.n_redrawn == once.n_redrawn > 20
+    assert np.unique(once.samples).size > 10
+    np.testing.assert_array_equal(grouped.samples, once.samples)
+    # One patient with every study: each resample is the full data.
+    single = bootstrap_ci(time=[1.0, 2.0, 3.0], event=[1, 0, 1], risk=[1.0, 0.0, 0.5],
+                          n_boot=20, rng=0, groups=[7, 7, 7])
+    np.testing.assert_array_equal(single.samples, single.estimate)
+
+
+@pytest.mark.parametrize("metric", ["harrell_c", "uno_c"])
+def test_bootstrap_metric_patient_bootstrap_of_duplicated_data(metric):
+    time_, event, risk, train_time, train_event = _ipcw_data(70, 3)
+    other = np.random.default_rng(6).normal(size=70)
+    data = {"time": time_, "event": event, "risk": risk}
+    twice, person = _patients_twice({**data, "other": other}, 2)
+    twice_other = twice.pop("other")
+    if metric == "harrell_c":
+        fn, train, train_twice, train_person = harrell_c, None, None, None
+    else:
+        fn = partial(uno_c, tau=150.0)
+        train = {"train_time": train_time, "train_event": train_event}
+        train_twice, train_person = _patients_twice(train, 3)
+    once = bootstrap_metric(fn, data, train=train, n_boot=60, rng=7)
+    grouped = bootstrap_metric(fn, twice, train=train_twice, n_boot=60, rng=7,
+                               groups=person, train_groups=train_person)
+    assert grouped.n_redrawn == once.n_redrawn
+    if metric == "harrell_c":
+        np.testing.assert_array_equal(grouped.samples, once.samples)
+        assert grouped.estimate == once.estimate
+    else:  # the IPCW sums run over the copies in another order
+        np.testing.assert_allclose(grouped.samples, once.samples, rtol=1e-12, atol=0)
+        assert grouped.estimate == pytest.approx(once.estimate, rel=1e-12)
+    assert not np.allclose(grouped.samples, grouped.samples[0])
+
+    paired_once = paired_bootstrap_metric(fn, {"time": time_, "event": event}, a={"risk": risk},
+                                          b={"risk": other}, train=train, n_boot=40, rng=1)
+    paired_grouped = paired_bootstrap_metric(
+        fn, {k: v for k, v in twice.items() if k != "risk"}, a={"risk": twice["risk"]},
+        b={"risk": twice_other}, train=train_twice, n_boot=40, rng=1, groups=person,
+        train_groups=train_person,
+    )
+    assert paired_grouped.p_value == paired_once.p_value
+    assert paired_grouped.difference == pytest.approx(paired_once.difference, rel=1e-12, abs=1e-15)
+    assert paired_grouped.lower == pytest.approx(paired_once.lower, rel=1e-12, abs=1e-15)
+
+
+def test_groups_of_mixed_types_are_numbered_by_first_appearance():
+    time, event, risk = _random_data(40, seed=16, tied=False)
+    ids = np.array([1, "a", 2.5, ("x", 1)] * 10, dtype=object)
+    result = bootstrap_ci(time=time, event=event, risk=risk, n_boot=50, rng=0, groups=ids)
+    assert result.samples.shape == (50,) and 0 <= result.lower <= result.upper <= 1
+
+
+_DATA3 = {"time": [1.0, 2.0, 3.0], "event": [1, 0, 1], "risk": [0.3, 0.2, 0.1]}
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda g: bootstrap_ci(**_DATA3, n_boot=5, rng=0, groups=g),
+         "Dimension mismatch: 'groups' has 2 samples but 'time' has 3"),
+        (lambda g: paired_bootstrap_test(_DATA3["time"], _DATA3["event"], _DATA3["risk"],
+                                         _DATA3["risk"], n_boot=5, rng=0, groups=g),
+         "Dimension mismatch: 'groups' has 2 samples but 'time' has 3"),
+        (lambda g: bootstrap_metric(harrell_c, _DATA3, n_boot=5, rng=0, groups=g),
+         "Dimension mismatch: 'groups' has 2 samples but 'data' has 3"),
+        (lambda g: paired_bootstrap_metric(harrell_c, {"time": [1, 2, 3], "event": [1, 1, 1]},
+                                           a={"risk": [1, 2, 3]}, b={"risk": [3, 2, 1]},
+                                           n_boot=5, groups=g),
+         "Dimension mismatch: 'groups' has 2 samples but 'data' has 3"),
+        (lambda g: bootstrap_metric(partial(uno_c, tau=None), _DATA3, n_boot=5,
+                                    train={"train_time": [1, 2, 3], "train_event": [1, 0, 1]},
+                                    train_groups=g),
+         "Dimension mismatch: 'train_groups' has 2 samples but 'train' has 3"),
+    ],
+)
+def test_wrong_length_groups_are_rejected(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(["p1", "p2"])
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        (["p1", None, "p2"],
+         r"'groups' must not hold missing values, got 1 \(first at index 1: None\)"),
+        ([1.0, np.nan, np.nan], r"'groups' must not hold missing values, got 2 \(first at index 1"),
+        (pd.Series(["a", pd.NA, "b"], dtype=object), "'groups' must not hold missing values"),
+        (np.array(["2020-01-01", "NaT", "2020-01-02"], dtype="datetime64[D]"),
+         "must not hold missing"),
+        ([[1, 2, 3]], r"'groups' must be 1-D \(one id per row\), got shape \(1, 3\)"),
+    ],
+)
+def test_groups_with_missing_ids_are_rejected(groups, message):
+    with pytest.raises(ValueError, match=message):
+        bootstrap_ci(**_DATA3, n_boot=5, rng=0, groups=groups)
+    with pytest.raises(ValueError, match=message):
+        bootstrap_metric(harrell_c, _DATA3, n_boot=5, rng=0, groups=groups)
+
+
+def test_train_groups_need_train():
+    with pytest.raises(ValueError, match="'train_groups' was given without 'train'"):
+        bootstrap_metric(harrell_c, _DATA3, n_boot=5, train_groups=[1, 2, 3])
+
+
+# ---------------------------------------------------------------------------------------------
 # calibration and Holm
 
 
