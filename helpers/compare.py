@@ -10,6 +10,7 @@ the twin's ground-truth folder, the one place outside the twin where that folder
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from helpers.metrics import (
     bootstrap_metric,
     brier_score,
     calibration,
+    harrell_c,
     holm,
     integrated_brier_score,
     paired_bootstrap_test,
@@ -36,6 +38,7 @@ __all__ = [
     "ORACLE",
     "TASK_COLUMNS",
     "best_model",
+    "validation_scores",
     "calibration_table",
     "collect_runs",
     "differences",
@@ -139,8 +142,10 @@ def score_runs(
     concatenation with the same EHR representation (``*_vs_concat``), each on the same
     bootstrap resamples of the split. ``p_vs_*_holm`` are Holm-adjusted within one task and
     cohort (the tests behind one column of Table 1; the oracle is not tested).
-    Each (split, comparison) draws from ``numpy.random.default_rng([seed, ...])``."""
-    outcome = cohort.set_index("study_id")[["time", "event", "split"]]
+    Every bootstrap resamples patients (``person_id``) with all their studies, so repeat scans
+    of one patient are never treated as independent. Each (split, comparison) draws from
+    ``numpy.random.default_rng([seed, ...])``."""
+    outcome = _outcome(cohort)
     preds = {key: frame["risk"] for key, frame in read_predictions(runs).items()}
     if oracle is not None:
         preds[("oracle", "oracle", 0)] = oracle
@@ -151,6 +156,7 @@ def score_runs(
             continue
         time = outcome.loc[ids, "time"].to_numpy()
         event = outcome.loc[ids, "event"].to_numpy()
+        groups = outcome.loc[ids, "person_id"].to_numpy()
         if event.sum() == 0:
             continue
         for m_idx, ((ehr_repr, fusion, run_seed), risk_all) in enumerate(preds.items()):
@@ -158,7 +164,8 @@ def score_runs(
             if len(missing):
                 raise ValueError(f"run {ehr_repr}/{fusion}/seed-{run_seed}: no prediction for {len(missing)} {split} studies, e.g. {', '.join(missing[:3])}")
             risk = risk_all.loc[ids].to_numpy()
-            ci = bootstrap_ci(time=time, event=event, risk=risk, n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx]))
+            ci = bootstrap_ci(time=time, event=event, risk=risk, n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx]),
+                              groups=groups)
             row = {
                 "model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
                 "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
@@ -175,7 +182,8 @@ def score_runs(
                 if name == "concat" and fusion in ("image_only", "ehr_only"):
                     continue  # as in the paper, unimodal models are tested against image-only only
                 test = paired_bootstrap_test(time=time, event=event, risk_a=risk, risk_b=preds[ref].loc[ids].to_numpy(),
-                                             n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx, len(name)]))
+                                             n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx, len(name)]),
+                                             groups=groups)
                 row[f"p_vs_{name}"] = test.p_value
                 row[f"diff_vs_{name}"], row[f"diff_vs_{name}_lower"], row[f"diff_vs_{name}_upper"] = (
                     test.difference, test.lower, test.upper)
@@ -279,6 +287,46 @@ def _survival_grid(frame: pd.DataFrame, outcome: pd.DataFrame, ids: pd.Index, ti
     return np.column_stack([baseline.survival(risk, float(t)) for t in times])
 
 
+def _outcome(cohort: pd.DataFrame) -> pd.DataFrame:
+    """``time``, ``event``, ``split`` and ``person_id`` (as strings) indexed by ``study_id``."""
+    missing = [c for c in ("study_id", "person_id", "time", "event", "split") if c not in cohort.columns]
+    if missing:
+        raise ValueError(f"cohort table: missing column(s) {', '.join(missing)}")
+    outcome = cohort.set_index("study_id")[["time", "event", "split", "person_id"]].copy()
+    outcome["person_id"] = outcome["person_id"].astype(str)
+    return outcome
+
+
+@dataclass(frozen=True)
+class _Censoring:
+    """Where an evaluation split's censoring distribution comes from: ``source`` (a label),
+    ``fixed`` (``train_time``/``train_event`` for point estimates), ``own`` (the evaluation
+    patients themselves) and ``train_groups`` (patients of ``fixed`` when it is another split)."""
+
+    source: str
+    fixed: dict
+    own: bool
+    train_groups: np.ndarray | None = None
+
+    def bootstrap(self, fn, data: dict, *, groups: np.ndarray, n_boot: int, rng: np.random.Generator):
+        """``bootstrap_metric`` of ``fn`` resampling patients, with the censoring refitted on
+        every resample (jointly with the evaluation patients when they are its source)."""
+        if self.own:
+            return bootstrap_metric(fn, {**data, "train_time": data["time"], "train_event": data["event"]},
+                                    groups=groups, n_boot=n_boot, rng=rng)
+        return bootstrap_metric(fn, data, train=self.fixed, groups=groups, train_groups=self.train_groups,
+                                n_boot=n_boot, rng=rng)
+
+
+def _censoring_source(split: str, train: pd.DataFrame, time: np.ndarray, event: np.ndarray) -> _Censoring:
+    """Internal test split: the internal training split's censoring; external: its own."""
+    if split == "external":
+        return _Censoring("external cohort", {"train_time": time, "train_event": event}, own=True)
+    return _Censoring("internal train split",
+                      {"train_time": train["time"].to_numpy(), "train_event": train["event"].to_numpy()},
+                      own=False, train_groups=train["person_id"].to_numpy())
+
+
 def _safe(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -303,19 +351,22 @@ def score_extended(
     ``ibs_lower``/``ibs_upper``) and the Cox calibration slope at the horizon
     (``calibration_slope``, ``calibration_slope_se``).
 
-    Censoring weights come from the Kaplan-Meier censoring distribution of the cohort's
-    ``train`` split. Confidence intervals are percentile bootstraps (``n_boot`` resamples) that
-    resample the evaluation patients with their weights and, independently, the training
-    patients (the censoring distribution is refitted each time). The integrated Brier score uses
+    Censoring weights come from the Kaplan-Meier censoring distribution of the cohort being
+    scored: for the internal test split, the internal ``train`` split (same institution, same
+    follow-up); for the external cohort, the external cohort itself, since its censoring
+    (other follow-up, other loss to follow-up) is its own. Confidence intervals are percentile
+    bootstraps (``n_boot`` resamples) that resample evaluation patients (``person_id``, with
+    all their studies and their weights) and refit the censoring distribution each time: the
+    training patients independently for the internal split, the same resampled patients for
+    the external cohort. The integrated Brier score uses
     survival curves from a Breslow baseline refitted on the run's training predictions; the
     oracle has no survival predictions, so only its Uno's C and AUC are given. A metric that is
     undefined on a split (no case or no comparable pair) is NaN.
     """
-    outcome = cohort.set_index("study_id")[["time", "event", "split"]]
+    outcome = _outcome(cohort)
     train = outcome[outcome["split"] == "train"]
     if train.empty:
         raise ValueError("score_extended: the cohort has no 'train' split for the censoring distribution")
-    train_data = {"train_time": train["time"].to_numpy(), "train_event": train["event"].to_numpy()}
     preds = read_predictions(runs)
     if oracle is not None:
         preds[("oracle", "oracle", 0)] = pd.DataFrame({"risk": oracle})
@@ -327,16 +378,19 @@ def score_extended(
             continue
         time = outcome.loc[ids, "time"].to_numpy()
         event = outcome.loc[ids, "event"].to_numpy()
+        groups = outcome.loc[ids, "person_id"].to_numpy()
+        censoring = _censoring_source(split, train, time, event)
         for m_idx, ((ehr_repr, fusion, run_seed), frame) in enumerate(preds.items()):
             risk = frame.loc[ids, "risk"].to_numpy()
             rng = np.random.default_rng([seed, s_idx, m_idx, 7])
             row = {"model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
                    "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
-                   "n": len(ids), "events_by_horizon": int(((time <= horizon) & (event == 1)).sum())}
+                   "n": len(ids), "events_by_horizon": int(((time <= horizon) & (event == 1)).sum()),
+                   "censoring_from": censoring.source}
             data = {"time": time, "event": event, "risk": risk}
             for name, fn in (("uno", partial(uno_c, tau=float(horizon))),
                              ("auc", partial(time_dependent_auc, horizon=float(horizon)))):
-                result = _safe(bootstrap_metric, fn, data, train=train_data, n_boot=n_boot, rng=rng)
+                result = _safe(censoring.bootstrap, fn, data, groups=groups, n_boot=n_boot, rng=rng)
                 key = "uno_c" if name == "uno" else "auc"
                 row[key], row[f"{name}_lower"], row[f"{name}_upper"] = (
                     (result.estimate, result.lower, result.upper) if result else (np.nan,) * 3)
@@ -345,16 +399,16 @@ def score_extended(
                         "calibration_slope": np.nan, "calibration_slope_se": np.nan})
             if column_name is not None:
                 survival = frame.loc[ids, column_name].to_numpy()
-                row["brier"] = brier_score(time, event, survival, horizon=float(horizon), **train_data)
+                row["brier"] = brier_score(time, event, survival, horizon=float(horizon), **censoring.fixed)
                 cal = _safe(calibration, time=time, event=event, survival=survival, horizon=float(horizon),
                             n_groups=min(10, len(ids)))
                 if cal is not None:
                     row["calibration_slope"], row["calibration_slope_se"] = cal.slope, cal.slope_se
                 grid = _survival_grid(frame, outcome, ids, times)
                 if grid is not None:
-                    ibs = bootstrap_metric(partial(integrated_brier_score, times=times),
-                                           {"time": time, "event": event, "survival": grid},
-                                           train=train_data, n_boot=n_boot, rng=rng)
+                    ibs = censoring.bootstrap(partial(integrated_brier_score, times=times),
+                                              {"time": time, "event": event, "survival": grid},
+                                              groups=groups, n_boot=n_boot, rng=rng)
                     row["ibs"], row["ibs_lower"], row["ibs_upper"] = ibs.estimate, ibs.lower, ibs.upper
             out.append(row)
     return pd.DataFrame(out)
@@ -393,10 +447,32 @@ def seed_summary(scores: pd.DataFrame, metric: str = "c_index") -> pd.DataFrame:
                                kind="stable").reset_index(drop=True)
 
 
-def best_model(scores: pd.DataFrame, cohort: str = "Internal") -> tuple[str, str] | None:
-    """``(ehr_repr, fusion)`` of the model with the highest mean C-index over seeds on
-    ``cohort`` (the oracle excluded); None when no model was scored there."""
-    part = scores[(scores["cohort"] == cohort) & (scores["fusion"] != "oracle")]
+def validation_scores(runs: pd.DataFrame, cohort: pd.DataFrame) -> pd.DataFrame:
+    """Harrell's C of every run on the internal ``val`` split (ehr_repr, fusion, seed,
+    c_index): what choices between models are made on, never the test or external studies."""
+    outcome = _outcome(cohort)
+    ids = outcome.index[outcome["split"] == "val"]
+    if len(ids) == 0 or outcome.loc[ids, "event"].sum() == 0:
+        raise ValueError("validation_scores: the cohort has no 'val' split with an event to choose models on")
+    time, event = outcome.loc[ids, "time"].to_numpy(), outcome.loc[ids, "event"].to_numpy()
+    rows = []
+    for (ehr_repr, fusion, run_seed), frame in read_predictions(runs).items():
+        missing = ids.difference(frame.index)
+        if len(missing):
+            raise ValueError(f"run {ehr_repr}/{fusion}/seed-{run_seed}: no prediction for {len(missing)} val studies")
+        rows.append({"ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed,
+                     "c_index": harrell_c(time=time, event=event, risk=frame.loc[ids, "risk"].to_numpy())})
+    return pd.DataFrame(rows, columns=["ehr_repr", "fusion", "seed", "c_index"])
+
+
+def best_model(scores: pd.DataFrame) -> tuple[str, str] | None:
+    """``(ehr_repr, fusion)`` of the model with the highest mean C-index over seeds in
+    ``scores`` (the oracle excluded; pass :func:`validation_scores`, so that the choice never
+    looks at test or external studies); None when ``scores`` is empty."""
+    if "cohort" in scores.columns and set(scores["cohort"]) - {"Validation"}:
+        raise ValueError("best_model: choose on validation scores (compare.validation_scores), not on "
+                         f"{', '.join(sorted(set(scores['cohort'])))} scores")
+    part = scores[scores["fusion"] != "oracle"]
     if part.empty:
         return None
     means = part.groupby(["ehr_repr", "fusion"])["c_index"].mean()

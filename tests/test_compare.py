@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from helpers import compare
@@ -61,6 +62,7 @@ def _fake_study(tmp_path, task="pe", n=360, seeds=(0,), fusions=("image_only", "
     event = (event_time <= censor).astype(int)
     ids = [f"{task}{i}" for i in range(n)]
     split = np.array(["train", "test", "external"])[np.arange(n) % 3]
+    split[np.arange(n) % 6 == 0] = "val"
     cohort = pd.DataFrame({"study_id": ids, "person_id": ids, "institution": "x", "time": time, "event": event,
                            "split": split})
     noise = {"image_only": 1.5, "ehr_only": 3.0, "concat": 0.4, "contrastive": 0.2}
@@ -122,7 +124,10 @@ def test_seed_summary_separates_seed_and_bootstrap_variation(tmp_path):
     summary = compare.seed_summary(scores)
     assert list(summary["model"][:2]) == ["Image only", "Concatenation (one-hot)"]
     assert (summary["n_seeds"] == 3).all() and (summary["sd_seeds"] > 0).all() and (summary["se_bootstrap"] > 0).all()
-    assert compare.best_model(scores) == ("onehot", "concat")
+    runs = compare.collect_runs(tmp_path / "runs", "pe")
+    assert compare.best_model(compare.validation_scores(runs, cohort)) == ("onehot", "concat")
+    with pytest.raises(ValueError, match="choose on validation"):
+        compare.best_model(scores)
 
 
 def test_table1_paper_layout_markers_and_order(tmp_path):
@@ -179,3 +184,25 @@ def test_figures_draw(tmp_path):
                                      horizon=365, title="km")
     assert 0 <= fig.logrank_p < 0.05
     plt.close("all")
+
+
+def test_external_censoring_is_the_external_cohorts_own(tmp_path):
+    """Uno's C of the external cohort weights by the external cohort's own censoring
+    distribution, the internal test split by the internal training split's."""
+    from functools import partial
+
+    from helpers.metrics import uno_c
+
+    cohort, _ = _fake_study(tmp_path, fusions=("image_only", "contrastive"))
+    cohort.loc[cohort["split"] == "external", "time"] *= 0.5  # other follow-up at the other site
+    runs = compare.collect_runs(tmp_path / "runs", "pe")
+    ext = compare.score_extended(runs, cohort, horizon=365, n_boot=20)
+    row = ext[(ext.fusion == "contrastive") & (ext.cohort == "External")].iloc[0]
+    part = cohort[cohort["split"] == "external"].set_index("study_id")
+    risk = compare.read_predictions(runs)[("onehot", "contrastive", 0)].loc[part.index, "risk"]
+    own = partial(uno_c, time=part["time"], event=part["event"], risk=risk, tau=365.0)
+    assert row["censoring_from"] == "external cohort"
+    assert row["uno_c"] == pytest.approx(own(train_time=part["time"], train_event=part["event"]), abs=1e-12)
+    train = cohort[cohort["split"] == "train"]
+    assert row["uno_c"] != pytest.approx(own(train_time=train["time"], train_event=train["event"]), abs=1e-6)
+    assert (ext.loc[ext.cohort == "Internal", "censoring_from"] == "internal train split").all()
