@@ -6,9 +6,11 @@ small shift at another site (a scanner's HU offset, a coding habit) into a value
 hundreds of standard deviations, and a model that passes magnitudes to its head collapses
 there. So the scaler
 
-* drops columns whose training standard deviation is below ``REL_TOL`` (1%) of the median
-  standard deviation of the non-constant columns, and every constant column (they are set to
-  0 after scaling, which for a linear layer is the same as removing them), and
+* drops columns whose training standard deviation is below ``REL_TOL`` (0.1%) of the 90th
+  percentile of the standard deviations of the non-constant columns (a high percentile, so
+  that an embedding made mostly of near-constant columns still has a reference), and every
+  constant column (they are set to 0 after scaling, which for a linear layer is the same as
+  removing them), and
 * bounds the standardised values to ``[-CLIP, CLIP]`` (5 standard deviations).
 
 ``helpers.fusion`` (the models) and ``helpers.probes`` (the linear probes) both use it, and so
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CLIP", "REL_TOL", "Scaler", "fit_scaler"]
+__all__ = ["CLIP", "REL_TOL", "Scaler", "fit_scaler", "length_ratio"]
 
-REL_TOL = 1e-2
+REL_TOL = 1e-3
+REFERENCE_QUANTILE = 0.9
 CLIP = 5.0
 
 
@@ -53,7 +56,7 @@ def fit_scaler(x: np.ndarray, *, rel_tol: float = REL_TOL, clip: float | None = 
     """Fit on the training rows ``x`` (n, d), n >= 2.
 
     A column is kept when its standard deviation is positive and at least ``rel_tol`` times
-    the median standard deviation of the columns that vary. Dropped columns get scale 1 and
+    the 90th percentile of the standard deviations of the columns that vary. Dropped columns get scale 1 and
     are zeroed by :meth:`Scaler.transform`.
 
     >>> x = np.array([[0.0, 1.0, 5.0], [2.0, 1.0, 5.00001], [4.0, 1.0, 5.0]])
@@ -74,6 +77,19 @@ def fit_scaler(x: np.ndarray, *, rel_tol: float = REL_TOL, clip: float | None = 
     varying = std > 0
     keep = varying.copy()
     if varying.any():
-        keep &= std >= rel_tol * float(np.median(std[varying]))
+        keep &= std >= rel_tol * float(np.quantile(std[varying], REFERENCE_QUANTILE))
     scale = np.where(keep, std, 1.0)
     return Scaler(mean=mean, scale=scale, keep=keep, clip=clip)
+
+
+def length_ratio(train: np.ndarray, internal: np.ndarray, external: np.ndarray, *, scaler: Scaler | None = None) -> float:
+    """Median Euclidean length of the scaled ``external`` rows over that of the scaled
+    ``internal`` rows (studies not used to fit), with the scaler fitted on ``train`` (or the
+    given ``scaler``). About 1 when the external site looks like the internal one to the
+    models; a site whose embeddings sit many training SDs away gives a large ratio."""
+    scaler = fit_scaler(train) if scaler is None else scaler
+    inside = np.linalg.norm(scaler.transform(internal), axis=1)
+    outside = np.linalg.norm(scaler.transform(external), axis=1)
+    if len(inside) == 0 or len(outside) == 0:
+        raise ValueError("length_ratio: 'internal' and 'external' need at least one row each")
+    return float(np.median(outside) / np.median(inside))

@@ -102,7 +102,7 @@ class SlicePreprocess:
     n_slices: int = 16
     size: int = 64
     calibrate_air: bool = True
-    fov_mm: float | None = 384.0
+    fov_mm: float | None = 400.0
     slab_mm: float | None = 5.0
 
     def __post_init__(self) -> None:

@@ -34,6 +34,8 @@ from torch import nn
 
 __all__ = ["RandomConvEncoder", "gaussian_blur"]
 
+_KERNELS = ("bspline", "triangle", "gaussian")
+
 
 def gaussian_blur(slices: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (n, 1, H, W) with standard deviation ``sigma`` pixels
@@ -65,10 +67,10 @@ class RandomConvEncoder(nn.Module):
     """
 
     def __init__(self, seed: int = 0, width: int = 8, n_bins: int = 16, conv_grid: int = 2, hist_grid: int = 8,
-                 kernel: str = "triangle", hist_smooth: float = 1.0) -> None:
+                 kernel: str = "bspline", hist_smooth: float = 1.0) -> None:
         super().__init__()
-        if kernel not in ("triangle", "gaussian"):
-            raise ValueError(f"parameter 'kernel': expected 'triangle' or 'gaussian', got {kernel!r}")
+        if kernel not in _KERNELS:
+            raise ValueError(f"parameter 'kernel': expected one of {', '.join(_KERNELS)}, got {kernel!r}")
         if n_bins < 2:
             raise ValueError(f"parameter 'n_bins': need at least 2 bins, got {n_bins}")
         if hist_smooth < 0:
@@ -102,7 +104,11 @@ class RandomConvEncoder(nn.Module):
         # soft assignment of every pixel to the histogram bins: (n, bins, H, W)
         source = gaussian_blur(slices, self.hist_smooth) if self.hist_smooth > 0 else slices
         distance = (source - self.centers.view(1, -1, 1, 1)) / self.bandwidth
-        if self.kernel == "triangle":
+        if self.kernel == "bspline":
+            # quadratic B-spline: smooth, zero beyond 1.5 bins, sums to 1 away from the ends
+            u = distance.abs()
+            weights = torch.where(u < 0.5, 0.75 - u**2, 0.5 * torch.relu(1.5 - u) ** 2)
+        elif self.kernel == "triangle":
             # exact partition of unity on [0, 1]: no renormalisation, no tails
             weights = torch.relu(1.0 - distance.abs())
         else:
