@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 
 from helpers import compare
 from helpers.metrics import holm
