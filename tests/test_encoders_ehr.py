@@ -188,6 +188,12 @@ def test_femr_script_join_takes_the_last_feature_not_after_the_prediction_time()
     # an event exactly at the index is not used (prediction_time = index - 1 us)
     assert out[:, 0].tolist() == [1.0, 2.0, 0.0, 3.0]
     assert found.tolist() == [True, True, False, True]
+    # a CT in the day's last second does not read that day's date-only records (at 23:59:59)
+    late = module.make_labels(np.array([9]), pd.to_datetime(["2020-01-05T23:59:59.500"]))
+    day_only = np.array(["2020-01-05T23:59:59"], dtype="datetime64[s]")
+    _, seen = module.join_features(np.array([9]), day_only, np.ones((1, 1), np.float32), np.array([9]),
+                                   np.array([late[0]["prediction_time"]], dtype="datetime64[us]"))
+    assert not seen[0]
 
 
 def test_femr_script_patients_use_meds01_birth_and_static_at_birth() -> None:

@@ -130,9 +130,13 @@ def to_femr_patients(events: pd.DataFrame) -> list[dict]:
 
 
 def make_labels(subject_ids: np.ndarray, index_times: pd.Series) -> list[dict]:
-    """femr labels (MEDS 0.1 ``Label``): one per study, ``prediction_time = index_time - 1
-    microsecond`` so that only events strictly before the index are read."""
-    at = pd.to_datetime(pd.Series(index_times)).dt.tz_localize(None) - pd.Timedelta(microseconds=1)
+    """femr labels (MEDS 0.1 ``Label``): one per study, ``prediction_time = min(index_time,
+    23:59:59 of the index day) - 1 microsecond``, so that only events strictly before the index
+    are read, and a date-only record of the index day (placed at 23:59:59 by the MEDS export)
+    is never read, even for a CT in the day's last second (as in ``clmbr_mini``)."""
+    index = pd.to_datetime(pd.Series(index_times)).dt.tz_localize(None)
+    day_end = index.dt.normalize() + pd.Timedelta(seconds=86399)
+    at = index.where(index <= day_end, day_end) - pd.Timedelta(microseconds=1)
     return [
         {"patient_id": int(s), "prediction_time": t.to_pydatetime(), "boolean_value": False}
         for s, t in zip(subject_ids, at, strict=True)
