@@ -10,16 +10,20 @@ anatomy: global pooling alone would discard where things are, and with it most o
 says about risk (a linear probe on the twin recovered almost none of the CT part of the true
 risk from globally pooled features, and about half of it with the grid).
 
-The histogram assigns each pixel to its two nearest bin centres with linear (triangular)
-weights that sum to 1, so a bin far from every pixel of a cell is exactly 0. An earlier Gaussian
-assignment gave such bins values near 1e-5 that moved by orders of magnitude with a small HU
-offset or more noise; after standardisation those tails dominated the embedding of a scan from
-another scanner. Linear weights also make a bin's expected value insensitive to zero-mean
-noise that stays between two bin centres. The histograms are taken of the slice after a
-Gaussian blur of ``hist_smooth`` pixels (1 by default), so they describe tissue rather than
-pixel noise: in the MACE window the bins are 23 HU apart, closer than the noise of a CT (15 to
-30 HU), and without the blur a noisier scanner changes every bin. The convolutions see the
-unblurred slice, so small bright spots (calcium) still reach them.
+The histogram assigns each pixel to the bins within 1.5 bin widths of its value with quadratic
+B-spline weights (``kernel="bspline"``, the default; ``"triangle"``: linear weights to the two
+nearest bins; ``"gaussian"``: the original soft assignment, kept for comparison). Both
+compact kernels make a bin far from every pixel of a cell exactly 0. The Gaussian assignment
+gave such bins values near 1e-5 that moved by orders of magnitude with a small HU offset or more
+noise; after standardisation those tails dominated the embedding of a scan from another
+scanner. The B-spline is also smooth, so a bin's expected value changes little with the noise
+level. The histograms are taken of the slice after a Gaussian blur of ``hist_smooth`` pixels
+(1 by default), so they describe tissue rather than pixel noise and edge sharpness: in the MACE
+window the bins are 23 HU apart, closer than the noise of a CT (15 to 30 HU). The blur costs
+small structures (on a 400-study twin a linear probe's R^2 for clot burden fell from 0.66 to
+0.29, for coronary calcium from 0.50 to 0.37); ``hist_smooth=0`` keeps them, at the price of
+external embeddings about twice as far from the internal ones. The convolutions see the
+unblurred slice.
 
 The encoder is differentiable end to end (saliency maps can reach the voxels) and frozen by
 ``requires_grad_(False)`` on its weights.
