@@ -1,11 +1,11 @@
 """Time and size of the digital twin for each profile.
 
-Generates the ``quick`` and ``paper`` profiles (or those named on the command line) into a
-temporary folder, then prints wall time, disk size (bytes of file contents and, in brackets,
-the space ``du`` would report), studies, event rates and oracle C-index per task and
-institution. Usage::
+Generates the ``quick`` and ``paper`` profiles (or those of ``helpers.tasks.PROFILES`` named
+on the command line) into a temporary folder, then prints wall time, disk size (bytes of file
+contents and, in brackets, the space ``du`` would report), studies, event rates (observed and
+target) and oracle C-index per task and institution. Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/twin.py [quick] [paper] [--seed N] [--keep DIR]
+    OMP_NUM_THREADS=1 python benchmarks/twin.py [tiny] [quick] [paper] [--seed N] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers.twin import PROFILES, generate
+from helpers.tasks import PROFILES
+from helpers.twin import generate
 
 
 def _sizes(path: Path) -> tuple[int, int]:

@@ -1,4 +1,5 @@
-"""Command line: ``python -m helpers {manifest check,twin,pretrain,study}``."""
+"""Command line: ``python -m helpers {manifest check,twin,pretrain}``. The study itself is the
+Snakemake workflow (``Snakefile``; ``make study``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from helpers.tasks import PROFILES
 
 __all__ = ["main"]
 
@@ -23,10 +26,14 @@ def _twin(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     summary = generate(Path(args.out), profile=args.profile, seed=args.seed, image_share=args.image_share,
-                       tasks=tuple(args.tasks), progress=True)
-    print(f"digital twin ({args.profile}, seed {args.seed}) written to {args.out} in {time.perf_counter() - started:.1f} s")
-    for task, info in summary.items():
-        print(f"  {task}: {info}")
+                       interaction=args.interaction, tasks=tuple(args.tasks), progress=True)
+    print(f"digital twin ({args.profile}, seed {args.seed}, interaction {args.interaction}) written to {args.out} "
+          f"in {time.perf_counter() - started:.1f} s")
+    for task, info in summary["tasks"].items():
+        for site, counts in info["counts"].items():
+            r = info["event_rates"][site]
+            print(f"  {task} {site}: {counts['studies']} studies, event fraction {r['observed_event_fraction']:.3f} "
+                  f"(target {r['target_event_fraction']:.2f}), oracle C {r['oracle_c_index']:.3f}")
     return 0
 
 
@@ -43,7 +50,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     for task in args.tasks:
         if not cohort_paths(manifest, task)["cohort"].is_file():
             raise ValueError(f"task {task!r}: no cohort at {cohort_paths(manifest, task)['cohort']}; build it first "
-                             f"(python -m helpers study --only task={task}, or notebooks/01_cohort.ipynb)")
+                             f"(snakemake {cohort_paths(manifest, task)['cohort']}, or notebooks/01_cohort.ipynb)")
         result = pretrain(manifest, task, args.encoder, progress=lambda it, **kw: tqdm(it, **kw))
         last = result.history.groupby("split")["loss"].last().to_dict()
         print(f"{task}: {args.encoder} pretrained in {result.seconds:.0f} s, final loss "
@@ -51,24 +58,6 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(f"  checkpoint {result.checkpoint}\n  to pin it in the manifest: path: {result.checkpoint}, "
               f"sha256: {result.sha256}")
     return 0
-
-
-def _study(args: argparse.Namespace) -> int:
-    from helpers.study import run_study
-
-    started = time.perf_counter()
-    report = run_study(Path(args.manifest), profile=args.profile, only=args.only, force=args.force,
-                       build=not args.no_book)
-    minutes = (time.perf_counter() - started) / 60
-    print(f"study: {len(report.ran)} notebook(s) run, {len(report.skipped_up_to_date)} up to date, "
-          f"{len(report.failed)} failed, {len(report.not_run)} not run ({minutes:.1f} min)")
-    for key, message in report.failed.items():
-        print(f"  FAILED {key}: {message}")
-    for key, why in report.not_run.items():
-        print(f"  not run {key}: {why}")
-    if report.book is not None:
-        print(f"The book is built: open {report.book}")
-    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("path", nargs="?", default="data_manifest.yaml")
     check.set_defaults(func=_manifest_check)
 
+    from helpers.tasks import DEFAULT_INTERACTION
+
     twin = sub.add_parser("twin", help="write the digital twin")
-    twin.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    twin.add_argument("--profile", choices=list(PROFILES), default="quick")
     twin.add_argument("--seed", type=int, default=0)
     twin.add_argument("--image-share", type=float, default=0.5)
+    twin.add_argument("--interaction", type=float, default=DEFAULT_INTERACTION,
+                      help=f"weight (kappa) of the cross-modal interaction, >= 0 (default {DEFAULT_INTERACTION})")
     twin.add_argument("--tasks", nargs="+", default=["pe", "mace"], choices=["pe", "mace"])
     twin.add_argument("--out", required=True)
     twin.set_defaults(func=_twin)
@@ -94,17 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--task", dest="tasks", action="append", choices=["pe", "mace"],
                      help="task(s) to pretrain for (repeat; default both)")
     pre.add_argument("--manifest", default="data_manifest.yaml")
-    pre.add_argument("--profile", choices=["quick", "paper"], default=None, help="digital-twin size (default: the manifest's)")
+    pre.add_argument("--profile", choices=list(PROFILES), default=None, help="digital-twin size (default: the manifest's)")
     pre.set_defaults(func=_pretrain, tasks=None)
-
-    study = sub.add_parser("study", help="run the study grid with papermill and build the book")
-    study.add_argument("--profile", choices=["quick", "paper"], default=None,
-                       help="digital-twin size (default: the manifest's)")
-    study.add_argument("--only", default=None, help="restrict the grid, e.g. task=pe,fusion=concat")
-    study.add_argument("--manifest", default="data_manifest.yaml")
-    study.add_argument("--force", action="store_true", help="rerun notebooks even when up to date")
-    study.add_argument("--no-book", action="store_true", help="do not build the book")
-    study.set_defaults(func=_study)
 
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is _pretrain and not args.tasks:

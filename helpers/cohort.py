@@ -19,6 +19,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from helpers.imaging import IMAGING_INDEX_COLUMNS
 from helpers.manifest import Manifest, ManifestError
 from helpers.tasks import Task, get_task
 from helpers.vocabulary import OMOP_TABLES, concepts_in_group
@@ -40,14 +41,6 @@ __all__ = [
     "cohort_paths",
 ]
 
-IMAGING_INDEX_COLUMNS = (
-    "study_id",
-    "person_id",
-    "institution",
-    "study_datetime",
-    "image_path",
-    "image_format",
-)
 COHORT_COLUMNS = ("study_id", "person_id", "institution", "index_time", "time", "event", "split")
 SPLITS = ("train", "val", "test", "external")
 
@@ -143,6 +136,9 @@ def imaging_source(manifest: Manifest, task: str) -> tuple[Path, Path, Path]:
     """``(omop_tables, imaging_index, imaging_root)`` for ``task`` under ``manifest``."""
     if manifest.data.source == "synthetic":
         base = manifest.twin_dir / task
+        if not (base / "twin.json").is_file():
+            raise CohortError(f"{base}: no digital twin for task {task!r} at this setting; write it first "
+                              f"(notebooks/00_twin.ipynb, or: snakemake {base / 'twin.json'})")
         return base / "omop", base / "imaging_index.parquet", base
     omop = manifest.data.omop
     assert omop is not None
@@ -403,27 +399,76 @@ def read_cohort(path: Path) -> pd.DataFrame:
     return frame
 
 
-def ensure_source(manifest: Manifest, task: str, *, progress: bool = False) -> dict:
-    """Make sure the data of ``task`` exist; for the digital twin, generate it when it is
-    missing or was made with other parameters or another generator version. Returns a short
-    description (counts only)."""
+def make_source(manifest: Manifest, task: str, *, progress: bool = False) -> dict:
+    """The data of ``task``: for the digital twin, write it at the manifest's setting (profile,
+    image share, interaction, seed) into ``twin_dir/<task>`` and return its ``twin.json``; for
+    real data, check the sources exist and describe them (counts only, no identifiers).
+    Deciding *whether* to run is the workflow's business (Snakemake), not this function's."""
     get_task(task)
     if manifest.data.source != "synthetic":
         tables, index, root = imaging_source(manifest, task)
-        return {"source": "omop", "tables": str(tables), "imaging_index": str(index)}
-    from helpers.twin import GENERATOR_VERSION, generate
+        return {"source": manifest.data.source, "tables": str(tables), "imaging_index": str(index)}
+    from helpers.twin import generate
 
     s = manifest.synthetic
-    info_path = manifest.twin_dir / task / "twin.json"
-    wanted = {"profile": s.profile, "seed": s.seed, "image_share": s.image_share}
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        params = info.get("parameters", {})
-        same_generator = info.get("generator_version") == GENERATOR_VERSION
-        if same_generator and all(params.get(k) == v for k, v in wanted.items()):
-            return info
-    generate(manifest.twin_dir, profile=s.profile, seed=s.seed, image_share=s.image_share, tasks=(task,), progress=progress)
-    return json.loads(info_path.read_text())
+    generate(manifest.twin_dir, profile=s.profile, seed=s.seed, image_share=s.image_share, interaction=s.interaction,
+             tasks=(task,), progress=progress)
+    return json.loads((manifest.twin_dir / task / "twin.json").read_text())
 
 
-__all__ += ["ensure_source"]
+__all__ += ["make_source"]
+
+
+# EHR encoder kinds that read the records as MEDS timelines (helpers.meds).
+MEDS_KINDS = ("clmbr_mini", "clmbr")
+
+
+@dataclass
+class CohortBuild:
+    """What ``make_cohort`` made: the cohort (with exclusions), the summary it wrote (counts
+    only), the rows of every OMOP table, the written paths and the MEDS folder (or None)."""
+
+    result: CohortResult
+    summary: dict
+    table_rows: dict[str, int]
+    paths: dict[str, Path]
+    meds: Path | None
+
+
+def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> CohortBuild:
+    """The cohort step of ``task``: read the OMOP tables and the imaging index where the
+    manifest points, build one row per CT study (every excluded study counted with its
+    reason), assign patient-level splits with the manifest's ``splits``, write the cohort, its
+    imaging table, exclusions and summary (``cohort_paths``), and export the records as MEDS
+    (``<run_root>/meds/<task>``, with the cohort's splits) when ``meds`` is true; by default
+    when one of the manifest's EHR encoders reads MEDS (``MEDS_KINDS``)."""
+    from helpers.meds import omop_to_meds, write_meds
+
+    get_task(task)
+    tables, index_path, imaging_root = imaging_source(manifest, task)
+    index = read_imaging_index(index_path)
+    con = connect_omop(tables)
+    try:
+        rows = {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in OMOP_TABLES}
+        built = build_cohort(con, index, task, imaging_root=imaging_root)
+        sp = manifest.splits
+        cohort = assign_splits(built.cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
+                               external_institutions=sp.external_institutions, seed=sp.seed)
+        result = CohortResult(cohort=cohort, exclusions=built.exclusions)
+        paths = cohort_paths(manifest, task)
+        summary = write_cohort(result, index, imaging_root, paths)
+        if meds is None:
+            meds = any(spec.kind in MEDS_KINDS for spec in manifest.encoders.ehr.values())
+        folder = None
+        if meds:
+            from helpers.meds import cohort_subject_splits
+
+            folder = manifest.run_root / "meds" / task
+            write_meds(omop_to_meds(con), folder, subject_splits=cohort_subject_splits(cohort),
+                       dataset_name=f"{task} ({manifest.data.source})")
+    finally:
+        con.close()
+    return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder)
+
+
+__all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort"]

@@ -2,9 +2,10 @@
 IPCW metrics (Uno's C, time-dependent AUC, integrated Brier score), calibration, Holm-adjusted
 p-values and seed-to-seed variation.
 
-Reads the runs written by the training notebook (``runs/<task>/<ehr_repr>/<fusion>/seed-<k>``);
-scoring uses ``helpers.metrics`` only. The oracle (the twin's true log-hazard) is read from
-the twin's ground-truth folder, the one place outside the twin where that folder is read.
+Reads the runs written by the training notebook through ``helpers.runs`` (the run format);
+scoring uses ``helpers.metrics`` only. The oracle (the twin's true log-hazard, read through
+``helpers.truth``) is a reference row of the comparison, scored like a model but never tested
+and never a candidate for "best".
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from helpers.metrics import (
     time_dependent_auc,
     uno_c,
 )
-from helpers.tasks import UNIMODAL_IMAGE
+from helpers.runs import collect_runs, read_predictions, survival_column
+from helpers.tasks import EHR_REPRESENTATIONS, MULTIMODAL, STRATEGIES, UNIMODAL_IMAGE
 
 __all__ = [
     "EVAL_SPLITS",
@@ -58,17 +60,6 @@ __all__ = [
 
 EVAL_SPLITS = {"test": "Internal", "external": "External"}
 ORACLE = "Oracle (true risk)"
-_FUSION_NAMES = {
-    "image_only": "Image only",
-    "ehr_only": "EHR only",
-    "concat": "Concatenation",
-    "contrastive": "Contrastive learning",
-    "cross_attention": "Cross-attention",
-    "coattn_image_guided": "Co-attention (image guide)",
-    "coattn_ehr_guided": "Co-attention (EHR guide)",
-}
-_REPR_NAMES = {"onehot": "one-hot", "clmbr": "CLMBR"}
-_MULTIMODAL = ("concat", "contrastive", "cross_attention", "coattn_image_guided", "coattn_ehr_guided")
 _REFERENCES = (("image", "Image only"), ("concat", "Concatenation"))
 
 
@@ -81,8 +72,8 @@ def row_order(labels: list[str]) -> list[str]:
     ['Image only', 'EHR only (one-hot)', 'Concatenation (one-hot)', 'Oracle (true risk)']
     """
     canonical = [model_label(UNIMODAL_IMAGE, "image_only")]
-    canonical += [model_label(r, "ehr_only") for r in _REPR_NAMES]
-    canonical += [model_label(r, f) for r in _REPR_NAMES for f in _MULTIMODAL]
+    canonical += [model_label(r, "ehr_only") for r in EHR_REPRESENTATIONS]
+    canonical += [model_label(r, f) for r in EHR_REPRESENTATIONS for f in MULTIMODAL]
     rank = {label: k for k, label in enumerate(canonical)}
     known = sorted((label for label in labels if label in rank), key=rank.__getitem__)
     others = [label for label in labels if label not in rank and label != ORACLE]
@@ -95,36 +86,36 @@ def model_label(ehr_repr: str, fusion: str) -> str:
     >>> model_label("none", "image_only"), model_label("onehot", "concat")
     ('Image only', 'Concatenation (one-hot)')
     """
-    name = _FUSION_NAMES.get(fusion, fusion)
-    return name if ehr_repr == UNIMODAL_IMAGE else f"{name} ({_REPR_NAMES.get(ehr_repr, ehr_repr)})"
+    name = STRATEGIES[fusion].label if fusion in STRATEGIES else fusion
+    if ehr_repr == UNIMODAL_IMAGE:
+        return name
+    return f"{name} ({EHR_REPRESENTATIONS[ehr_repr].label if ehr_repr in EHR_REPRESENTATIONS else ehr_repr})"
 
 
-def collect_runs(runs_dir: Path, task: str) -> pd.DataFrame:
-    """Every complete run of ``task`` under ``runs_dir`` (a run is complete when its
-    ``metrics.json`` exists). Columns: ehr_repr, fusion, seed, path."""
-    base = Path(runs_dir) / task
-    rows = []
-    for metrics in sorted(base.glob("*/*/seed-*/metrics.json")):
-        folder = metrics.parent
-        rows.append({
-            "ehr_repr": folder.parent.parent.name,
-            "fusion": folder.parent.name,
-            "seed": int(folder.name.removeprefix("seed-")),
-            "path": folder,
-        })
-    if not rows:
-        raise FileNotFoundError(f"{base}: no complete training run (no */*/seed-*/metrics.json)")
-    return pd.DataFrame(rows)
+# The oracle's key among the runs' (ehr_repr, fusion, seed) keys: its rows have no EHR
+# representation, strategy or training seed.
+_ORACLE_KEY = None
+
+
+def _identity(key: tuple[str, str, int] | None) -> tuple[str | None, str | None, float]:
+    return (None, None, np.nan) if key is _ORACLE_KEY else key
+
+
+def _label(key: tuple[str, str, int] | None) -> str:
+    return ORACLE if key is _ORACLE_KEY else model_label(*key[:2])
+
+
+def _describe(key: tuple[str, str, int] | None) -> str:
+    return "the oracle" if key is _ORACLE_KEY else f"run {key[0]}/{key[1]}/seed-{key[2]}"
 
 
 def oracle_risk(manifest: Manifest, task: str) -> pd.Series | None:
     """The twin's true log-hazard per study (None for real data)."""
     if manifest.data.source != "synthetic":
         return None
-    path = manifest.twin_dir / task / "ground_truth" / "factors.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the twin's ground truth is missing")
-    truth = pd.read_parquet(path, columns=["study_id", "true_log_hazard"])
+    from helpers.truth import read_truth
+
+    truth = read_truth(manifest.twin_dir, task, reader="oracle", columns=["study_id", "true_log_hazard"])
     return truth.set_index("study_id")["true_log_hazard"]
 
 
@@ -148,7 +139,7 @@ def score_runs(
     outcome = _outcome(cohort)
     preds = {key: frame["risk"] for key, frame in read_predictions(runs).items()}
     if oracle is not None:
-        preds[("oracle", "oracle", 0)] = oracle
+        preds[_ORACLE_KEY] = oracle
     out = []
     for s_idx, (split, column) in enumerate(EVAL_SPLITS.items()):
         ids = outcome.index[outcome["split"] == split]
@@ -159,17 +150,17 @@ def score_runs(
         groups = outcome.loc[ids, "person_id"].to_numpy()
         if event.sum() == 0:
             continue
-        for m_idx, ((ehr_repr, fusion, run_seed), risk_all) in enumerate(preds.items()):
+        for m_idx, (key, risk_all) in enumerate(preds.items()):
+            ehr_repr, fusion, run_seed = _identity(key)
             missing = ids.difference(risk_all.index)
             if len(missing):
-                raise ValueError(f"run {ehr_repr}/{fusion}/seed-{run_seed}: no prediction for {len(missing)} {split} studies, e.g. {', '.join(missing[:3])}")
+                raise ValueError(f"{_describe(key)}: no prediction for {len(missing)} {split} studies, e.g. {', '.join(missing[:3])}")
             risk = risk_all.loc[ids].to_numpy()
             ci = bootstrap_ci(time=time, event=event, risk=risk, n_boot=n_boot, rng=np.random.default_rng([seed, s_idx, m_idx]),
                               groups=groups)
             row = {
-                "model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
-                "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
-                "n": len(ids), "events": int(event.sum()), "c_index": ci.estimate, "lower": ci.lower,
+                "model": _label(key), "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split,
+                "cohort": column, "n": len(ids), "events": int(event.sum()), "c_index": ci.estimate, "lower": ci.lower,
                 "upper": ci.upper, "se": float(np.std(ci.samples, ddof=1)) if n_boot > 1 else np.nan,
                 "n_redrawn": ci.n_redrawn,
             }
@@ -177,7 +168,7 @@ def score_runs(
                 for suffix in ("", "_lower", "_upper"):
                     row[f"diff_vs_{name}{suffix}"] = np.nan
                 row[f"p_vs_{name}"] = np.nan
-                if fusion == "oracle" or ref == (ehr_repr, fusion, run_seed) or ref not in preds:
+                if key is _ORACLE_KEY or ref == key or ref not in preds:
                     continue
                 if name == "concat" and fusion in ("image_only", "ehr_only"):
                     continue  # as in the paper, unimodal models are tested against image-only only
@@ -205,7 +196,9 @@ def table1(scores: pd.DataFrame, *, alpha: float = 0.05, adjusted: bool = False)
     image-only and ``+`` against concatenation (raw p-values as in the paper, or the
     Holm-adjusted ones with ``adjusted=True``). Uses the smallest seed of each model.
     ``table.attrs["best"]`` holds the best model per column (the oracle excluded)."""
-    first = scores[scores["seed"] == scores.groupby(["ehr_repr", "fusion"])["seed"].transform("min")]
+    models = scores[scores["model"] != ORACLE]
+    first = pd.concat([models[models["seed"] == models.groupby(["ehr_repr", "fusion"])["seed"].transform("min")],
+                       scores[scores["model"] == ORACLE]])
     order = row_order(list(dict.fromkeys(first["model"])))
     suffix = "_holm" if adjusted else ""
     cells, best = {}, {}
@@ -258,17 +251,8 @@ def write_outputs(scores: pd.DataFrame, table: pd.DataFrame, out_dir: Path) -> N
 TASK_COLUMNS = ("pe", "mace")
 
 
-def read_predictions(runs: pd.DataFrame) -> dict[tuple[str, str, int], pd.DataFrame]:
-    """Each run's ``predictions.parquet`` indexed by ``study_id``, keyed by
-    ``(ehr_repr, fusion, seed)``."""
-    return {
-        (row.ehr_repr, row.fusion, row.seed): pd.read_parquet(Path(row.path) / "predictions.parquet").set_index("study_id")
-        for row in runs.itertuples(index=False)
-    }
-
-
 def _survival_column(frame: pd.DataFrame, horizon: int) -> str | None:
-    column = f"survival_{int(horizon)}d"
+    column = survival_column(horizon)
     return column if column in frame.columns else None
 
 
@@ -276,7 +260,7 @@ def _survival_grid(frame: pd.DataFrame, outcome: pd.DataFrame, ids: pd.Index, ti
     """Survival of ``ids`` at ``times`` from a Breslow baseline refitted on the run's training
     predictions (the baseline the training notebook uses); None when the run has no training
     predictions (e.g. predictions brought from elsewhere)."""
-    from helpers.survival import BreslowBaseline
+    from helpers.metrics import BreslowBaseline
 
     train_ids = frame.index[frame["split"] == "train"].intersection(outcome.index)
     if len(train_ids) == 0 or outcome.loc[train_ids, "event"].sum() == 0:
@@ -369,7 +353,7 @@ def score_extended(
         raise ValueError("score_extended: the cohort has no 'train' split for the censoring distribution")
     preds = read_predictions(runs)
     if oracle is not None:
-        preds[("oracle", "oracle", 0)] = pd.DataFrame({"risk": oracle})
+        preds[_ORACLE_KEY] = pd.DataFrame({"risk": oracle})
     times = np.linspace(horizon / n_times, horizon, n_times)
     out = []
     for s_idx, (split, column) in enumerate(EVAL_SPLITS.items()):
@@ -380,10 +364,11 @@ def score_extended(
         event = outcome.loc[ids, "event"].to_numpy()
         groups = outcome.loc[ids, "person_id"].to_numpy()
         censoring = _censoring_source(split, train, time, event)
-        for m_idx, ((ehr_repr, fusion, run_seed), frame) in enumerate(preds.items()):
+        for m_idx, (key, frame) in enumerate(preds.items()):
+            ehr_repr, fusion, run_seed = _identity(key)
             risk = frame.loc[ids, "risk"].to_numpy()
             rng = np.random.default_rng([seed, s_idx, m_idx, 7])
-            row = {"model": ORACLE if fusion == "oracle" else model_label(ehr_repr, fusion),
+            row = {"model": _label(key),
                    "ehr_repr": ehr_repr, "fusion": fusion, "seed": run_seed, "split": split, "cohort": column,
                    "n": len(ids), "events_by_horizon": int(((time <= horizon) & (event == 1)).sum()),
                    "censoring_from": censoring.source}
@@ -437,7 +422,7 @@ def seed_summary(scores: pd.DataFrame, metric: str = "c_index") -> pd.DataFrame:
     the number of seeds, the mean and standard deviation of ``metric`` over seeds
     (``sd_seeds``, NaN with one seed) and the mean bootstrap standard error within a seed
     (``se_bootstrap``, from the ``se`` column when present)."""
-    frame = scores[scores["fusion"] != "oracle"]
+    frame = scores[scores["model"] != ORACLE]
     grouped = frame.groupby(["model", "cohort"], sort=False)
     summary = grouped[metric].agg(n_seeds="count", mean="mean", sd_seeds="std")
     summary["se_bootstrap"] = grouped["se"].mean() if "se" in frame.columns else np.nan
@@ -472,7 +457,7 @@ def best_model(scores: pd.DataFrame) -> tuple[str, str] | None:
     if "cohort" in scores.columns and set(scores["cohort"]) - {"Validation"}:
         raise ValueError("best_model: choose on validation scores (compare.validation_scores), not on "
                          f"{', '.join(sorted(set(scores['cohort'])))} scores")
-    part = scores[scores["fusion"] != "oracle"]
+    part = scores[scores.get("model", pd.Series("", index=scores.index)) != ORACLE]
     if part.empty:
         return None
     means = part.groupby(["ehr_repr", "fusion"])["c_index"].mean()
@@ -537,3 +522,67 @@ def write_table1(table: pd.DataFrame, out_dir: Path) -> None:
     tmp = out_dir / ".table1.csv.tmp"
     table.to_csv(tmp)
     tmp.replace(out_dir / "table1.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# One task, end to end (what notebooks/04_compare.ipynb calls)
+
+
+@dataclass
+class TaskScores:
+    """What ``score_task`` computed and wrote for one task (see its docstring)."""
+
+    task: str
+    runs: pd.DataFrame
+    cohort: pd.DataFrame
+    scores: pd.DataFrame
+    table: pd.DataFrame
+    differences: pd.DataFrame
+    extended: pd.DataFrame
+    seeds: pd.DataFrame
+    best: tuple[str, str] | None
+    best_predictions: pd.DataFrame | None
+    calibration: pd.DataFrame | None
+    out_dir: Path
+
+
+def score_task(manifest: Manifest, task: str, *, runs_dir: Path | None = None, n_boot: int = 1000,
+               n_boot_extended: int = 200, seed: int = 0) -> TaskScores:
+    """Score every run of ``task`` and write the comparison folder
+    (``<run_root>/comparisons/<task>``): Harrell's C with patient-bootstrap CIs and paired tests
+    (``cindex.csv``, ``table1.csv``/``.md``, ``best.json``), the differences against the
+    references (``differences.csv``), Uno's C, AUC, Brier scores and calibration slopes
+    (``metrics.csv``), seed-to-seed variation (``seeds.csv``) and the calibration of the model
+    chosen on validation (``calibration.csv``). On the twin the oracle is scored as a reference
+    row."""
+    from helpers.cohort import cohort_paths, read_cohort
+    from helpers.tasks import get_task
+
+    spec = get_task(task)
+    runs_dir = Path(runs_dir) if runs_dir else manifest.run_root / "runs"
+    out_dir = manifest.run_root / "comparisons" / task
+    runs = collect_runs(runs_dir, task)
+    cohort = read_cohort(cohort_paths(manifest, task)["cohort"])
+    oracle = oracle_risk(manifest, task)
+    scores = score_runs(runs, cohort, n_boot=n_boot, seed=seed, oracle=oracle)
+    table = table1(scores)
+    write_outputs(scores, table, out_dir)
+    diffs = differences(scores)
+    diffs.to_csv(out_dir / "differences.csv", index=False)
+    extended = score_extended(runs, cohort, horizon=spec.horizon_days, n_boot=n_boot_extended, seed=seed, oracle=oracle)
+    extended.to_csv(out_dir / "metrics.csv", index=False)
+    seeds = seed_summary(scores)
+    seeds.to_csv(out_dir / "seeds.csv", index=False)
+    best = best_model(validation_scores(runs, cohort))  # chosen on the validation split
+    frame = calib = None
+    if best is not None:
+        run = runs[(runs["ehr_repr"] == best[0]) & (runs["fusion"] == best[1])].sort_values("seed").iloc[:1]
+        frame = read_predictions(run)[(best[0], best[1], int(run["seed"].iloc[0]))]
+        calib = calibration_table(frame, cohort, horizon=spec.horizon_days)
+        calib.to_csv(out_dir / "calibration.csv", index=False)
+    return TaskScores(task=task, runs=runs, cohort=cohort, scores=scores, table=table, differences=diffs,
+                      extended=extended, seeds=seeds, best=best, best_predictions=frame, calibration=calib,
+                      out_dir=out_dir)
+
+
+__all__ += ["TaskScores", "score_task"]

@@ -127,7 +127,13 @@ def ensure_meds(manifest: Manifest, task: str) -> Path:
 
 def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, paths: dict, *,
            device: str, batch_size: int, num_workers: int, progress: Callable | None) -> tuple:
-    from helpers.encoders import SlicePreprocess, VolumeDataset, encode_volumes, image_encoder
+    from helpers.encoders import (
+        SlicePreprocess,
+        VolumeDataset,
+        encode_volumes,
+        image_encoder,
+        slice_cache_dir,
+    )
 
     checkpoint, sha = checkpoint_for(manifest, task, name, spec)
     model = image_encoder(name, spec, default_checkpoint=checkpoint)
@@ -137,7 +143,9 @@ def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: 
         raise EmbeddingError(f"{paths['imaging']}: {len(missing)} cohort studies have no image, e.g. {', '.join(missing[:5])}")
     imaging = imaging.loc[cohort["study_id"]]
     preprocess = SlicePreprocess(window_hu=get_task(task).window_hu, size=model.input_size)
-    dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess)
+    # the task's other image encoders and the ct_mae pretraining read the same preprocessed slices
+    dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess,
+                            cache_dir=slice_cache_dir(manifest.run_root, task))
     stats: dict = {}
     shard_dir = embedding_path(manifest.run_root, task, "image", name).with_suffix(".shards")
     embedding, tokens = encode_volumes(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,

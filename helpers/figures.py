@@ -3,15 +3,15 @@ DataFrame) and shows counts and summaries only, never identifiers or dates."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from lifelines import KaplanMeierFitter
-from lifelines.statistics import multivariate_logrank_test
 
 __all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest",
            "difference_forest", "calibration_plot", "km_by_risk_tertile", "pretraining_curves", "reconstruction_grid",
-           "probe_bars"]
+           "probe_bars", "shareable"]
 
 
 def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -34,6 +34,8 @@ def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
 
 def km_by_group(cohort: pd.DataFrame, column: str, *, title: str, horizon: int) -> plt.Figure:
     """Kaplan-Meier survival curves (lifelines) for each value of ``column``."""
+    from lifelines import KaplanMeierFitter  # imported here: lifelines takes a second to import
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for value, part in cohort.groupby(column, sort=True):
         KaplanMeierFitter(label=f"{value} (n={len(part)})").fit(part["time"], part["event"]).plot_survival_function(ax=ax, ci_show=True)
@@ -167,6 +169,9 @@ def km_by_risk_tertile(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *,
     """Kaplan-Meier curves of the low, middle and high thirds of predicted risk (higher risk =
     earlier event), with lifelines' multivariate log-rank test across the three groups in the
     title. The test's p-value is also stored as ``fig.logrank_p``."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import multivariate_logrank_test
+
     time, event, risk = (np.asarray(a, dtype=float) for a in (time, event, risk))
     ranks = np.argsort(np.argsort(risk, kind="stable"), kind="stable")
     tertile = np.minimum(3 * ranks // len(risk), 2)
@@ -233,3 +238,26 @@ def probe_bars(probes: pd.DataFrame, *, title: str) -> plt.Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def shareable(value, base: Path | None = None):
+    """``value`` (a JSON-like structure) with every absolute path made shareable: relative to
+    ``base`` (default: the working directory) when it is inside it, else only its last two
+    parts after ``...``; so that a page never shows a folder of the machine that built it.
+
+    >>> shareable({"checkpoint": "/srv/build/outputs/ct_mae", "n": 3}, base=Path("/srv/build"))
+    {'checkpoint': 'outputs/ct_mae', 'n': 3}
+    >>> shareable(["/elsewhere/models/rad-dino"], base=Path("/srv/build"))
+    ['.../models/rad-dino']
+    """
+    base = Path.cwd() if base is None else Path(base)
+    if isinstance(value, dict):
+        return {k: shareable(v, base) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(shareable(v, base) for v in value)
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+        return ".../" + "/".join(path.parts[-2:])
+    return value

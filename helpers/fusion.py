@@ -3,7 +3,19 @@
 Tensors in, tensors out, no file I/O. Every input (pooled embeddings and per-slice tokens, of
 every strategy) goes through the same scaler fitted on the training split
 (``helpers.scaling``: near-constant columns dropped, standardised values bounded at +-5),
-stored as buffers, so a saved model scores new data by itself.
+stored as buffers, so a saved model scores new data by itself: ``forward`` takes raw
+embeddings and is differentiable from them to the risk.
+
+Training standardises each split once: ``SurvivalModel.prepare`` turns raw inputs into a
+``Prepared`` set (standardised; the per-slice tokens only in the columns the scaler keeps),
+and ``forward_prepared`` runs the model on rows of it; ``forward(raw)`` is
+``forward_prepared(prepare(raw))``. A dropped column is zero after scaling, so the per-slice
+token embedding (16 tokens of every study through one linear layer, the largest product of the
+attention strategies) multiplies only the kept columns of its weight. The weight keeps the full
+width (the same parameters, initialisation, L2 penalty and saved state as before), and a study
+without a CT gets the layer applied to the whole missing token, as before. The pooled
+embeddings keep every column: their first layer sees one row per study, and picking columns
+would cost its gradient more than the narrower product saves.
 
 The seven strategies of the study (DESIGN.md, paper section 2.2):
 
@@ -38,6 +50,7 @@ a CT the same score (the other strategies still score such a study from its EHR)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +58,13 @@ from torch import nn
 
 from helpers.scaling import CLIP, fit_scaler
 from helpers.survival import LOSSES, MLPHead, hidden_widths, weibull_risk
-from helpers.tasks import FUSIONS, check_choice
+from helpers.tasks import TOKEN_FUSIONS, check_choice, get_strategy
 
 __all__ = [
-    "IMPLEMENTED",
     "TOKEN_FUSIONS",
     "EHR_TOKENISATIONS",
     "IMAGE_TOKENISATIONS",
+    "Prepared",
     "SurvivalModel",
     "build_model",
     "info_nce",
@@ -59,16 +72,6 @@ __all__ = [
     "CrossAttention",
 ]
 
-IMPLEMENTED: tuple[str, ...] = (
-    "image_only",
-    "ehr_only",
-    "concat",
-    "contrastive",
-    "cross_attention",
-    "coattn_image_guided",
-    "coattn_ehr_guided",
-)
-TOKEN_FUSIONS: tuple[str, ...] = ("cross_attention", "coattn_image_guided", "coattn_ehr_guided")
 EHR_TOKENISATIONS: tuple[str, ...] = ("feature", "chunk")
 IMAGE_TOKENISATIONS: tuple[str, ...] = ("slices", "chunk")
 # CLIP clamps its logit scale 1 / tau at 100.
@@ -107,7 +110,8 @@ def retrieval_accuracy(h_img: torch.Tensor, h_ehr: torch.Tensor) -> float:
 class _Standardise(nn.Module):
     """The training split's scaler (``helpers.scaling.fit_scaler``: near-constant columns
     dropped, values bounded at +-5 standard deviations) over the last dimension; works on
-    (n, d) and (n, T, d)."""
+    (n, d) and (n, T, d). ``forward`` gives all columns (the dropped ones 0), ``reduce`` only
+    the kept ones (``kept``), the same values without computing the others."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -117,17 +121,92 @@ class _Standardise(nn.Module):
         self.clip = CLIP
 
     def fit(self, x: torch.Tensor) -> None:
-        scaler = fit_scaler(x.detach().cpu().double().numpy())
+        # fit_scaler accumulates in float64 block by block: no float64 copy of all rows
+        scaler = fit_scaler(x.detach().cpu().numpy())
         self.mean.copy_(torch.as_tensor(scaler.mean))
         self.scale.copy_(torch.as_tensor(scaler.scale))
         self.keep.copy_(torch.as_tensor(scaler.keep))
 
+    @property
+    def kept(self) -> torch.Tensor:
+        """Indices of the kept columns, int64 (k,)."""
+        return torch.nonzero(self.keep).squeeze(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) / self.scale).clamp(-self.clip, self.clip) * self.keep
 
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[..., kept]``. In place on the selected copy unless ``x`` needs a gradient."""
+        kept = self.kept
+        z = x[..., kept]  # advanced indexing: several times faster than index_select on the last axis
+        mean, scale = self.mean[kept], self.scale[kept]
+        if torch.is_grad_enabled() and x.requires_grad:
+            return ((z - mean) / scale).clamp(-self.clip, self.clip)
+        return z.sub_(mean).div_(scale).clamp_(-self.clip, self.clip)
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` (n, T, d) over the tokens where ``mask`` (n, T) is True -> (n, d)."""
+
+def _standardised(norm: _Standardise, x: torch.Tensor, missing: torch.Tensor | None, reduce: bool) -> torch.Tensor:
+    """``norm`` applied to ``x`` (kept columns only with ``reduce``); the rows of a missing
+    modality are set to 0 (their values are never used, and a NaN there must not reach a
+    gradient through the layer that the missing token replaces)."""
+    z = norm.reduce(x) if reduce else norm(x)
+    if missing is not None:
+        rows = missing.view((-1,) + (1,) * (z.ndim - 1))
+        z = z.masked_fill(rows, 0.0) if z.requires_grad else z.masked_fill_(rows, 0.0)
+    return z
+
+
+def _kept_linear(linear: nn.Linear, z: torch.Tensor, kept: torch.Tensor, missing: torch.Tensor,
+                 token: torch.Tensor) -> torch.Tensor:
+    """``linear`` of the full-width standardised input, from its kept columns ``z`` (n, T, k)
+    (``kept``: their k indices): the dropped columns are 0 and add nothing. A study in
+    ``missing`` (n,) bool gets ``linear(token)`` instead, every column of ``token`` included,
+    as when the token replaced its input. The weight keeps all columns."""
+    y = F.linear(z, linear.weight[:, kept])
+    y = torch.where(missing.view((-1,) + (1,) * (y.ndim - 1)), F.linear(token, linear.weight), y)
+    return y + linear.bias if linear.bias is not None else y
+
+
+@dataclass
+class Prepared:
+    """A split's inputs as ``SurvivalModel.prepare`` returns them: standardised by the model's
+    scaler (per-slice tokens: only the kept columns; the pooled embedding is None when the
+    model reads tokens instead), the rows of a missing modality zeroed, masks as bool.
+    ``rows(index)`` takes a batch: a slice gives views, an index tensor copies. Only the model
+    that prepared them may run on them (``forward_prepared``)."""
+
+    img: torch.Tensor | None
+    ehr: torch.Tensor | None
+    img_tokens: torch.Tensor | None
+    img_token_mask: torch.Tensor | None
+    img_missing: torch.Tensor | None
+    ehr_missing: torch.Tensor | None
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _fields(self) -> tuple:
+        return self.img, self.ehr, self.img_tokens, self.img_token_mask, self.img_missing, self.ehr_missing
+
+    def rows(self, index: slice | torch.Tensor) -> Prepared:
+        take = lambda t: None if t is None else t[index]  # noqa: E731
+        n = len(range(*index.indices(self.n))) if isinstance(index, slice) else len(index)
+        return Prepared(*(take(t) for t in self._fields()), n)
+
+    def gather(self, index: torch.Tensor, out: Prepared | None = None) -> Prepared:
+        """The rows ``index`` (int64), written into ``out``'s tensors when given (a buffer of
+        the same shapes, reused from epoch to epoch instead of fresh memory for every batch)."""
+        outs = out._fields() if out is not None else (None,) * 6
+        taken = [None if t is None else torch.index_select(t, 0, index, out=o) if o is not None else t.index_select(0, index)
+                 for t, o in zip(self._fields(), outs, strict=True)]
+        return Prepared(*taken, len(index))
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``x`` (n, T, d) over the tokens where ``mask`` (n, T) is True (None: all) -> (n, d)."""
+    if mask is None:  # the same numbers as an all-True mask (x * 1 is x), without the product
+        return x.sum(1) / float(x.shape[1])
     weights = mask.to(x.dtype).unsqueeze(-1)
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
@@ -252,11 +331,7 @@ class SurvivalModel(nn.Module):
         modality_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        check_choice("fusion", fusion, FUSIONS)
-        if fusion not in IMPLEMENTED:
-            raise ValueError(
-                f"parameter 'fusion': {fusion!r} is not available in this version; available: {', '.join(IMPLEMENTED)}"
-            )
+        strategy = get_strategy(fusion)
         check_choice("loss", loss, LOSSES)
         check_choice("ehr_tokens", ehr_tokens, EHR_TOKENISATIONS)
         check_choice("image_tokens", image_tokens, IMAGE_TOKENISATIONS)
@@ -266,9 +341,9 @@ class SurvivalModel(nn.Module):
             raise ValueError(f"parameter 'temperature' must be > 0, got {temperature}")
         self.fusion = fusion
         self.loss = loss
-        self.uses_image = fusion != "ehr_only"
-        self.uses_ehr = fusion != "image_only"
-        self.uses_tokens = fusion in TOKEN_FUSIONS
+        self.uses_image = strategy.uses_image
+        self.uses_ehr = strategy.uses_ehr
+        self.uses_tokens = strategy.tokens
         self.needs_image_tokens = self.uses_tokens and image_tokens == "slices"
         self.ehr_tokens = ehr_tokens if self.uses_tokens else None
         self.image_tokens = image_tokens if self.uses_tokens else None
@@ -341,6 +416,41 @@ class SurvivalModel(nn.Module):
         scale = float(time.double().sum()) / max(1.0, float(event.double().sum()))
         self.weibull_offset.copy_(torch.tensor([math.log(scale), 0.0]))
 
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        img: torch.Tensor | None,
+        ehr: torch.Tensor | None,
+        *,
+        img_tokens: torch.Tensor | None = None,
+        img_token_mask: torch.Tensor | None = None,
+        img_missing: torch.Tensor | None = None,
+        ehr_missing: torch.Tensor | None = None,
+    ) -> Prepared:
+        """The inputs of ``forward`` (same arguments) standardised by this model's scaler, for
+        ``forward_prepared`` (per-slice tokens: the kept columns only). Differentiable; ``fit``
+        and ``predict_output`` call it once per split under ``torch.no_grad()``, so no batch
+        scales its inputs again."""
+        ref = next((t for t in (img, ehr, img_tokens) if t is not None), None)
+        if ref is None:
+            raise ValueError("no inputs: 'img', 'ehr' and 'img_tokens' are all None")
+        img_m = None if img_missing is None else img_missing.bool()
+        ehr_m = None if ehr_missing is None else ehr_missing.bool()
+        z_img = z_ehr = z_tokens = mask = None
+        if self.needs_image_tokens:
+            if img_tokens is None or img_tokens.ndim != 3:
+                raise ValueError(
+                    f"fusion {self.fusion!r} with image_tokens='slices' needs 'img_tokens' of shape (n, T, d_token)"
+                )
+            z_tokens = _standardised(self.norm_tokens, img_tokens, img_m, reduce=True)
+            mask = None if img_token_mask is None else img_token_mask.bool()
+        elif self.uses_image and img is not None:
+            z_img = _standardised(self.norm_img, img, img_m, reduce=False)
+        if self.uses_ehr and ehr is not None:
+            z_ehr = _standardised(self.norm_ehr, ehr, ehr_m, reduce=False)
+        return Prepared(z_img, z_ehr, z_tokens, mask, img_m, ehr_m, len(ref))
+
     # ---- pieces ---------------------------------------------------------------------------
 
     @property
@@ -368,43 +478,69 @@ class SurvivalModel(nn.Module):
             ehr_m = ehr_m | (both & (draw >= 1 - self.modality_dropout))
         return img_m, ehr_m
 
+    def _masks(self, p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = next((t for t in (p.img, p.ehr, p.img_tokens) if t is not None), None)
+        return self._missing(p.n, p.img_missing, p.ehr_missing, ref.device if ref is not None else torch.device("cpu"))
+
     @staticmethod
     def _fill(x: torch.Tensor, missing: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.ndim - 1)
         return torch.where(missing.view(shape), token.expand_as(x), x)
 
-    def _pooled(self, img, ehr, img_m, ehr_m) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        z_img = self._fill(self.norm_img(img), img_m, self.missing_img) if self.uses_image and img is not None else None
-        z_ehr = self._fill(self.norm_ehr(ehr), ehr_m, self.missing_ehr) if self.uses_ehr and ehr is not None else None
+    def _pooled(self, p: Prepared, img_m: torch.Tensor, ehr_m: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        z_img = self._fill(p.img, img_m, self.missing_img) if self.uses_image and p.img is not None else None
+        z_ehr = self._fill(p.ehr, ehr_m, self.missing_ehr) if self.uses_ehr and p.ehr is not None else None
         return z_img, z_ehr
+
+    def _project(self, p: Prepared, img_m: torch.Tensor, ehr_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_img, z_ehr = self._pooled(p, img_m, ehr_m)
+        return F.normalize(self.proj_img(z_img), dim=1), F.normalize(self.proj_ehr(z_ehr), dim=1)
 
     def project(self, img: torch.Tensor, ehr: torch.Tensor, *, img_missing=None, ehr_missing=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Contrastive only: the projected embeddings (n, proj_dim) each, unit length."""
         if self.fusion != "contrastive":
             raise ValueError(f"project() is for the contrastive fusion, not {self.fusion!r}")
-        img_m, ehr_m = self._missing(len(img), img_missing, ehr_missing, img.device)
-        z_img, z_ehr = self._pooled(img, ehr, img_m, ehr_m)
-        return F.normalize(self.proj_img(z_img), dim=1), F.normalize(self.proj_ehr(z_ehr), dim=1)
+        p = self.prepare(img, ehr, img_missing=img_missing, ehr_missing=ehr_missing)
+        return self._project(p, *self._masks(p))
 
-    def _token_sequences(self, img, ehr, img_tokens, img_token_mask, img_m, ehr_m):
-        n = len(ehr)
+    def _token_sequences(self, p: Prepared, img_m: torch.Tensor, ehr_m: torch.Tensor):
+        if p.ehr is None:
+            raise ValueError(f"fusion {self.fusion!r} needs the EHR embedding")
         if self.needs_image_tokens:
-            if img_tokens is None or img_tokens.ndim != 3:
-                raise ValueError(
-                    f"fusion {self.fusion!r} with image_tokens='slices' needs 'img_tokens' of shape (n, T, d_token)"
-                )
-            tokens = self._fill(self.norm_tokens(img_tokens), img_m, self.missing_token)
-            img_seq = self.embed_img(tokens)
-            img_mask = (torch.ones(img_seq.shape[:2], dtype=torch.bool, device=img_seq.device)
-                        if img_token_mask is None else img_token_mask.bool() | img_m[:, None])
+            img_seq = _kept_linear(self.embed_img, p.img_tokens, self.norm_tokens.kept, img_m, self.missing_token)
+            img_mask = None if p.img_token_mask is None else p.img_token_mask | img_m[:, None]
         else:
-            z_img, _ = self._pooled(img, None, img_m, ehr_m)
-            img_seq = self.embed_img(z_img)
-            img_mask = torch.ones(img_seq.shape[:2], dtype=torch.bool, device=img_seq.device)
-        _, z_ehr = self._pooled(None, ehr, img_m, ehr_m)
-        ehr_seq = self.embed_ehr(z_ehr)
-        ehr_mask = torch.ones((n, ehr_seq.shape[1]), dtype=torch.bool, device=ehr_seq.device)
-        return img_seq, img_mask, ehr_seq, ehr_mask
+            if p.img is None:
+                raise ValueError(f"fusion {self.fusion!r} with image_tokens='chunk' needs the pooled image embedding")
+            img_seq = self.embed_img(self._fill(p.img, img_m, self.missing_img))
+            img_mask = None
+        ehr_seq = self.embed_ehr(self._fill(p.ehr, ehr_m, self.missing_ehr))
+        # None: every token is real (the attention and the means then skip the mask)
+        return img_seq, img_mask, ehr_seq, None
+
+    def _attention_fused(self, p: Prepared, img_m: torch.Tensor, ehr_m: torch.Tensor):
+        img_seq, img_mask, ehr_seq, ehr_mask = self._token_sequences(p, img_m, ehr_m)
+        h_img, h_ehr = _masked_mean(img_seq, img_mask), _masked_mean(ehr_seq, ehr_mask)
+        attention: dict[str, torch.Tensor] = {}
+        if self.attn_ehr is not None:
+            a, w = self.attn_ehr(ehr_seq, img_seq, img_mask)
+            attention["ehr<-img"] = w
+            a_ehr = _masked_mean(a, ehr_mask)
+        if self.attn_img is not None:
+            a, w = self.attn_img(img_seq, ehr_seq, ehr_mask)
+            attention["img<-ehr"] = w
+            a_img = _masked_mean(a, img_mask)
+        if self.fusion == "cross_attention":
+            parts = [h_ehr, a_ehr, h_img, a_img]
+        elif self.fusion == "coattn_ehr_guided":
+            parts = [h_img, a_ehr]
+        else:
+            parts = [h_ehr, a_img]
+        return torch.cat(parts, dim=1), attention
+
+    def _contrastive_fused(self, p: Prepared, img_m: torch.Tensor, ehr_m: torch.Tensor) -> torch.Tensor:
+        u_img, u_ehr = self._project(p, img_m, ehr_m)
+        return torch.cat([u_img, u_ehr], dim=1) * math.sqrt(self.proj_dim)
 
     def fused(
         self,
@@ -419,40 +555,26 @@ class SurvivalModel(nn.Module):
     ):
         """The representation the head sees, (n, d_in); with ``return_attention`` also a dict
         of attention weights ``{"ehr<-img": (n, heads, T_ehr, T_img), "img<-ehr": ...}``."""
-        ref = next(t for t in (img, ehr, img_tokens) if t is not None)
-        img_m, ehr_m = self._missing(len(ref), img_missing, ehr_missing, ref.device)
-        attention: dict[str, torch.Tensor] = {}
-        if self.fusion == "contrastive":
-            z_img, z_ehr = self._pooled(img, ehr, img_m, ehr_m)
-            u_img, u_ehr = F.normalize(self.proj_img(z_img), dim=1), F.normalize(self.proj_ehr(z_ehr), dim=1)
-            out = torch.cat([u_img, u_ehr], dim=1) * math.sqrt(self.proj_dim)
-        elif self.uses_tokens:
-            img_seq, img_mask, ehr_seq, ehr_mask = self._token_sequences(img, ehr, img_tokens, img_token_mask, img_m, ehr_m)
-            h_img, h_ehr = _masked_mean(img_seq, img_mask), _masked_mean(ehr_seq, ehr_mask)
-            parts = []
-            if self.attn_ehr is not None:
-                a, w = self.attn_ehr(ehr_seq, img_seq, img_mask)
-                attention["ehr<-img"] = w
-                a_ehr = _masked_mean(a, ehr_mask)
-            if self.attn_img is not None:
-                a, w = self.attn_img(img_seq, ehr_seq, ehr_mask)
-                attention["img<-ehr"] = w
-                a_img = _masked_mean(a, img_mask)
-            if self.fusion == "cross_attention":
-                parts = [h_ehr, a_ehr, h_img, a_img]
-            elif self.fusion == "coattn_ehr_guided":
-                parts = [h_img, a_ehr]
-            else:
-                parts = [h_ehr, a_img]
-            out = torch.cat(parts, dim=1)
-        else:
-            z_img, z_ehr = self._pooled(img, ehr, img_m, ehr_m)
-            out = torch.cat([z for z in (z_img, z_ehr) if z is not None], dim=1)
+        p = self.prepare(img, ehr, img_tokens=img_tokens, img_token_mask=img_token_mask,
+                         img_missing=img_missing, ehr_missing=ehr_missing)
+        out, attention = self._fused(p)
         return (out, attention) if return_attention else out
 
-    def forward(self, img: torch.Tensor | None, ehr: torch.Tensor | None, **inputs) -> torch.Tensor:
-        out = self.head(self.fused(img, ehr, **inputs))
+    def _fused(self, p: Prepared) -> tuple[torch.Tensor, dict]:
+        img_m, ehr_m = self._masks(p)
+        if self.fusion == "contrastive":
+            return self._contrastive_fused(p, img_m, ehr_m), {}
+        if self.uses_tokens:
+            return self._attention_fused(p, img_m, ehr_m)
+        return torch.cat([z for z in self._pooled(p, img_m, ehr_m) if z is not None], dim=1), {}
+
+    def forward_prepared(self, p: Prepared) -> torch.Tensor:
+        """``forward`` on inputs from ``prepare`` (the same output)."""
+        out = self.head(self._fused(p)[0])
         return out + self.weibull_offset if self.loss == "weibull" else out
+
+    def forward(self, img: torch.Tensor | None, ehr: torch.Tensor | None, **inputs) -> torch.Tensor:
+        return self.forward_prepared(self.prepare(img, ehr, **inputs))
 
     def risk(self, output: torch.Tensor) -> torch.Tensor:
         """Risk (n,) from ``forward``'s output: the log-hazard (Cox) or minus the log median
@@ -461,7 +583,7 @@ class SurvivalModel(nn.Module):
 
 
 def build_model(fusion: str, d_img: int, d_ehr: int, **options) -> SurvivalModel:
-    """A ``SurvivalModel`` for ``fusion`` (see ``IMPLEMENTED``); ``options`` are the keyword
+    """A ``SurvivalModel`` for ``fusion`` (``helpers.tasks.STRATEGIES``); ``options`` are the keyword
     arguments of ``SurvivalModel`` (``d_token``, ``dropout``, ``linear``, ``loss``, ``d_model``,
     ``heads``, ``ehr_tokens``, ``ehr_chunks``, ``image_tokens``, ``image_chunks``,
     ``proj_dim``, ``temperature``, ``learn_temperature``, ``modality_dropout``)."""

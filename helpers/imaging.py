@@ -31,11 +31,13 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     generate_uid,
 )
 
 __all__ = [
     "AIR_HU",
+    "IMAGING_INDEX_COLUMNS",
     "Volume",
     "VolumeFormatError",
     "air_offset",
@@ -44,6 +46,17 @@ __all__ = [
     "write_nifti",
     "write_dicom_series",
 ]
+
+# The imaging index: one row per CT study, the link between the records and the volumes
+# (``image_path`` relative to the imaging root; ``image_format`` ``nifti`` or ``dicom``).
+IMAGING_INDEX_COLUMNS = (
+    "study_id",
+    "person_id",
+    "institution",
+    "study_datetime",
+    "image_path",
+    "image_format",
+)
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 # DICOM pixels are stored unsigned as HU + 1024, the usual CT convention.
@@ -221,7 +234,7 @@ def _load_dicom_series(folder: Path) -> Volume:
     order = np.argsort([float(ds.ImagePositionPatient[2]) for ds in slices], kind="stable")
     slices = [slices[i] for i in order]
     planes = [
-        ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        _stored_pixels(ds).astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         for ds in slices
     ]
     shapes = {pl.shape for pl in planes}
@@ -241,6 +254,25 @@ def _load_dicom_series(folder: Path) -> Volume:
     row_sp, col_sp = (float(v) for v in slices[0].PixelSpacing)
     x0, y0, z0 = (float(v) for v in slices[0].ImagePositionPatient)
     return Volume(hu=hu, spacing=(sz, row_sp, col_sp), origin=(z0, y0, x0))
+
+
+def _stored_pixels(ds: Dataset) -> np.ndarray:
+    """A slice's stored values, what ``ds.pixel_array`` returns. Uncompressed little-endian
+    single-frame 16-bit data (``BitsStored`` 16, e.g. the twin's series) are read straight from
+    ``PixelData``, which costs a tenth of pydicom's pixel handlers (about 40% of reading a
+    series); anything else goes through ``pixel_array``."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if (syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) and "PixelData" in ds
+            and ds.get("SamplesPerPixel", 1) == 1 and int(ds.get("NumberOfFrames") or 1) == 1
+            and ds.get("BitsAllocated") == 16 and ds.get("BitsStored") == 16
+            and ds.get("PixelRepresentation") in (0, 1)):
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        data = ds.PixelData
+        if len(data) >= 2 * rows * columns:
+            dtype = "<u2" if ds.PixelRepresentation == 0 else "<i2"
+            return np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
+    return ds.pixel_array
 
 
 def _to_int16(hu: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from helpers.tasks import TASKS
+from helpers.tasks import DEFAULT_INTERACTION, PROFILES, TASKS, Setting
 
 __all__ = [
     "ManifestError",
@@ -35,9 +35,6 @@ __all__ = [
     "summary",
 ]
 
-PROFILES = ("quick", "paper")
-
-
 class ManifestError(ValueError):
     """The manifest is missing, malformed, or names something that does not exist."""
 
@@ -54,12 +51,27 @@ class SyntheticSource(_Strict):
     """The built-in digital twin: ``profile`` sets its size, ``seed`` its randomness.
 
     ``image_share`` (0 to 1) is how much of the true risk the CT carries; the rest is carried
-    by the EHR.
+    by the EHR. ``interaction`` (kappa, >= 0) is the weight of the twin's cross-modal
+    interaction term (a CT-only factor whose effect grows with an EHR-only one). The profiles
+    are ``helpers.tasks.PROFILES``.
     """
 
-    profile: Literal["quick", "paper"] = "paper"
-    seed: int = 20260616
+    profile: str = "paper"
+    seed: Annotated[int, Field(ge=0)] = 20260616
     image_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    interaction: Annotated[float, Field(ge=0.0)] = DEFAULT_INTERACTION
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in PROFILES:
+            raise ValueError(f"unknown profile {value!r}; expected one of {', '.join(PROFILES)}")
+        return value
+
+    @property
+    def setting(self) -> Setting:
+        """The twin setting (profile, image share, interaction, seed) this source names."""
+        return Setting(self.profile, self.image_share, self.interaction, self.seed)
 
 
 class ImagingSource(_Strict):
@@ -168,11 +180,17 @@ class Manifest(_Strict):
 
     @property
     def run_root(self) -> Path:
-        """Where this manifest's outputs go: ``output_dir/<profile>`` for the twin (so the
-        quick and paper twins never overwrite each other), ``output_dir`` for real data."""
+        """Where this manifest's outputs go: ``output_dir/<setting label>`` for the twin
+        (``<profile>/share-<s>_interaction-<k>_seed-<n>``, so twins of other sizes or settings
+        never overwrite each other), ``output_dir/real/<source>`` for real data."""
+        return self.output_dir / self.root_label
+
+    @property
+    def root_label(self) -> str:
+        """``run_root`` relative to ``output_dir`` (the Snakefile's ``{root}`` wildcard)."""
         if self.data.source == "synthetic":
-            return self.output_dir / self.synthetic.profile
-        return self.output_dir
+            return self.synthetic.setting.label
+        return f"real/{self.data.source}"
 
     @property
     def synthetic(self) -> SyntheticSource:
@@ -186,15 +204,22 @@ class Manifest(_Strict):
         return self.run_root / "twin"
 
     def with_profile(self, profile: str) -> Manifest:
-        """A copy whose synthetic profile is ``profile`` (``quick`` or ``paper``)."""
+        """A copy whose synthetic profile is ``profile`` (a name of ``helpers.tasks.PROFILES``)."""
         if profile not in PROFILES:
             raise ManifestError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+        return self.with_setting(Setting(
+            profile, self.synthetic.image_share, self.synthetic.interaction, self.synthetic.seed))
+
+    def with_setting(self, setting: Setting) -> Manifest:
+        """A copy for the twin at ``setting`` (profile, image share, interaction, seed)."""
         if self.data.source != "synthetic":
             raise ManifestError(
-                f"{self.path}: a profile applies to the digital twin only, but data.source is "
+                f"{self.path}: a twin setting applies to the digital twin only, but data.source is "
                 f"{self.data.source!r}"
             )
-        synthetic = self.synthetic.model_copy(update={"profile": profile})
+        synthetic = self.synthetic.model_copy(update={
+            "profile": setting.profile, "image_share": setting.image_share,
+            "interaction": setting.interaction, "seed": setting.seed})
         data = self.data.model_copy(update={"synthetic": synthetic})
         return self.model_copy(update={"data": data})
 
@@ -376,7 +401,8 @@ def summary(manifest: Manifest) -> str:
     if data.source == "synthetic":
         s = manifest.synthetic
         lines.append(
-            f"data: digital twin, profile {s.profile}, seed {s.seed}, image share {s.image_share:g}"
+            f"data: digital twin, profile {s.profile}, seed {s.seed}, image share {s.image_share:g}, "
+            f"interaction {s.interaction:g}"
         )
     else:
         assert data.omop is not None

@@ -52,6 +52,7 @@ from numbers import Integral, Real
 import numpy as np
 
 __all__ = [
+    "BreslowBaseline",
     "BootstrapResult",
     "CalibrationResult",
     "NoComparablePairsError",
@@ -1581,3 +1582,35 @@ def holm(pvalues: object) -> np.ndarray:
     result[order] = np.maximum.accumulate(scaled)
     adjusted[present] = result
     return adjusted
+
+
+class BreslowBaseline:
+    """Breslow estimate of the cumulative baseline hazard from training data, giving
+    survival probabilities ``S(t | x) = exp(-H0(t) * exp(log_hz))``.
+
+    ``log_hz``, ``time`` (days) and ``event`` are arrays of shape (n,).
+    """
+
+    def __init__(self, log_hz: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
+        log_hz = np.asarray(log_hz, dtype=np.float64)
+        time = np.asarray(time, dtype=np.float64)
+        event = np.asarray(event).astype(bool)
+        self.shift = float(log_hz.max())
+        risk = np.exp(log_hz - self.shift)
+        order = np.argsort(time, kind="stable")
+        time, risk, event = time[order], risk[order], event[order]
+        at_risk = np.cumsum(risk[::-1])[::-1]
+        unique_times, first = np.unique(time, return_index=True)
+        deaths = np.add.reduceat(event.astype(np.float64), first)
+        self.times = unique_times
+        self.cumhaz = np.cumsum(deaths / at_risk[first])
+
+    def cumulative_hazard(self, t: float) -> float:
+        """H0(t), on the scale of ``exp(log_hz - shift)``."""
+        k = np.searchsorted(self.times, t, side="right")
+        return float(self.cumhaz[k - 1]) if k > 0 else 0.0
+
+    def survival(self, log_hz: np.ndarray, t: float) -> np.ndarray:
+        """S(t | x) for each log-hazard, float64 array (n,) in [0, 1]."""
+        with np.errstate(over="ignore"):  # exp overflowing to inf gives S = 0, the right limit
+            return np.exp(-self.cumulative_hazard(t) * np.exp(np.asarray(log_hz, dtype=np.float64) - self.shift))

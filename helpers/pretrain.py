@@ -99,13 +99,14 @@ def pretrain(manifest: Manifest, task: str, name: str, *, config=None, progress:
     out = default_checkpoint(manifest, task, name)
     studies = pretraining_studies(manifest, task)
     if entry.kind == "ct_mae":
-        from helpers.encoders import SlicePreprocess, VolumeDataset
+        from helpers.encoders import SlicePreprocess, VolumeDataset, slice_cache_dir
         from helpers.encoders.ct_mae import pretrain_ct_mae
 
         paths = hc.cohort_paths(manifest, task)
         imaging = pd.read_parquet(paths["imaging"]).set_index("study_id").loc[studies["study_id"]]
         preprocess = SlicePreprocess(window_hu=spec.window_hu, n_slices=16, size=config.image_size)
-        dataset = VolumeDataset(list(studies["study_id"]), list(imaging["image_path"]), preprocess)
+        dataset = VolumeDataset(list(studies["study_id"]), list(imaging["image_path"]), preprocess,
+                                cache_dir=slice_cache_dir(manifest.run_root, task))
         return pretrain_ct_mae(dataset, out, config=config, progress=progress)
     from helpers.encoders.clmbr_mini import pretrain_clmbr_mini
     from helpers.meds import cohort_subject_ids, read_meds

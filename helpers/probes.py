@@ -81,7 +81,8 @@ def probe_scores(x: np.ndarray, y: np.ndarray, *, groups: np.ndarray | None = No
 
 def probe_factors(embedding: np.ndarray, study_ids, factors: pd.DataFrame, visibility: dict[str, tuple[str, ...]],
                   *, institution: str | None = None, seed: int = 0) -> pd.DataFrame:
-    """Probe every factor of ``factors`` (the twin's ``ground_truth/factors.parquet``: one row
+    """Probe every factor of ``factors`` (the twin's ``ground_truth/factors.parquet``, as
+    ``helpers.truth.read_truth(twin_dir, task, reader="probes")`` returns it: one row
     per study with ``study_id``, ``person_id``, ``institution`` and the factor columns) from
     ``embedding`` (rows in the order of ``study_ids``).
 

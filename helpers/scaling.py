@@ -28,6 +28,8 @@ __all__ = ["CLIP", "REL_TOL", "Scaler", "fit_scaler", "length_ratio"]
 REL_TOL = 1e-3
 REFERENCE_QUANTILE = 0.9
 CLIP = 5.0
+# rows per block of fit_scaler's float64 passes: about 8 MB of float64 values
+_BLOCK_VALUES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,16 +66,32 @@ def fit_scaler(x: np.ndarray, *, rel_tol: float = REL_TOL, clip: float | None = 
     >>> s.keep.tolist(), s.transform([[100.0, 7.0, 6.0]]).round(2).tolist()
     ([True, False, False], [[5.0, 0.0, 0.0]])
     """
-    arr = np.asarray(x, dtype=np.float64)
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
     if arr.ndim != 2:
         raise ValueError(f"fit_scaler: '{name}' must be 2-d (n, d), got shape {arr.shape}")
     if arr.shape[0] < 2:
         raise ValueError(f"fit_scaler: '{name}' needs at least 2 training rows, got {arr.shape[0]}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"fit_scaler: '{name}' holds NaN or infinite values")
+    # Mean and standard deviation in float64, two passes over blocks of rows: a float32 input
+    # (a million per-slice tokens) is never copied whole to float64.
+    n, d = arr.shape
+    step = max(1, _BLOCK_VALUES // max(d, 1))
+    blocks = [slice(a, min(n, a + step)) for a in range(0, n, step)]
+    total = np.zeros(d)
+    for rows in blocks:
+        block = arr[rows].astype(np.float64)
+        if not np.isfinite(block).all():
+            raise ValueError(f"fit_scaler: '{name}' holds NaN or infinite values")
+        total += block.sum(axis=0)
     if clip is not None and not clip > 0:
         raise ValueError(f"fit_scaler: 'clip' must be > 0 or None, got {clip}")
-    mean, std = arr.mean(axis=0), arr.std(axis=0)
+    mean = total / n
+    squares = np.zeros(d)
+    for rows in blocks:
+        deviation = arr[rows].astype(np.float64) - mean
+        squares += np.einsum("ij,ij->j", deviation, deviation)
+    std = np.sqrt(squares / n)
     varying = std > 0
     keep = varying.copy()
     if varying.any():

@@ -13,8 +13,29 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torchsurv.loss.cox import neg_partial_log_likelihood
-from torchsurv.loss.weibull import neg_log_likelihood_weibull, survival_function_weibull
+
+from helpers.metrics import BreslowBaseline  # numpy only, so that scoring needs no torch
+
+
+def _torchsurv_package() -> None:
+    """Register the ``torchsurv`` package without running its ``__init__``, which imports its
+    metrics and through them torchmetrics and transformers (2.5 s of the 4 s it takes to
+    import ``helpers.training``, paid by every training notebook). Only the loss modules are
+    used here, and they import nothing from the package's top level. Someone who imported
+    ``torchsurv`` before keeps the full package."""
+    import importlib.util
+    import sys
+
+    if "torchsurv" not in sys.modules:
+        spec = importlib.util.find_spec("torchsurv")
+        if spec is None:
+            raise ImportError("torchsurv is not installed (pip install torchsurv==0.2.0)")
+        sys.modules["torchsurv"] = importlib.util.module_from_spec(spec)
+
+
+_torchsurv_package()
+from torchsurv.loss.cox import neg_partial_log_likelihood  # noqa: E402
+from torchsurv.loss.weibull import neg_log_likelihood_weibull, survival_function_weibull  # noqa: E402
 
 __all__ = [
     "NoEventsError",
@@ -27,6 +48,7 @@ __all__ = [
     "hidden_widths",
     "MLPHead",
     "BreslowBaseline",
+    "Adam",
 ]
 
 
@@ -157,33 +179,43 @@ class MLPHead(nn.Module):
         return out.squeeze(-1) if self.n_out == 1 else out
 
 
-class BreslowBaseline:
-    """Breslow estimate of the cumulative baseline hazard from training data, giving
-    survival probabilities ``S(t | x) = exp(-H0(t) * exp(log_hz))``.
-
-    ``log_hz``, ``time`` (days) and ``event`` are arrays of shape (n,).
+class Adam:
+    """Adam (Kingma and Ba) with torch's defaults, the same arithmetic as
+    ``torch.optim.Adam(params, lr)`` on the CPU (its single-tensor path: no weight decay,
+    no amsgrad), so training gives the same weights. It exists because the first
+    ``torch.optim`` optimiser of a process imports ``torch._dynamo`` (1.5 to 2.5 s on one
+    core), paid by every training notebook. Parameters without a gradient are skipped;
+    ``zero_grad`` sets gradients to None (as torch's does by default).
     """
 
-    def __init__(self, log_hz: np.ndarray, time: np.ndarray, event: np.ndarray) -> None:
-        log_hz = np.asarray(log_hz, dtype=np.float64)
-        time = np.asarray(time, dtype=np.float64)
-        event = np.asarray(event).astype(bool)
-        self.shift = float(log_hz.max())
-        risk = np.exp(log_hz - self.shift)
-        order = np.argsort(time, kind="stable")
-        time, risk, event = time[order], risk[order], event[order]
-        at_risk = np.cumsum(risk[::-1])[::-1]
-        unique_times, first = np.unique(time, return_index=True)
-        deaths = np.add.reduceat(event.astype(np.float64), first)
-        self.times = unique_times
-        self.cumhaz = np.cumsum(deaths / at_risk[first])
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = [p for p in params]
+        self.lr, self.betas, self.eps = float(lr), betas, float(eps)
+        self.state: dict[int, dict] = {}
 
-    def cumulative_hazard(self, t: float) -> float:
-        """H0(t), on the scale of ``exp(log_hz - shift)``."""
-        k = np.searchsorted(self.times, t, side="right")
-        return float(self.cumhaz[k - 1]) if k > 0 else 0.0
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
 
-    def survival(self, log_hz: np.ndarray, t: float) -> np.ndarray:
-        """S(t | x) for each log-hazard, float64 array (n,) in [0, 1]."""
-        with np.errstate(over="ignore"):  # exp overflowing to inf gives S = 0, the right limit
-            return np.exp(-self.cumulative_hazard(t) * np.exp(np.asarray(log_hz, dtype=np.float64) - self.shift))
+    @torch.no_grad()
+    def step(self) -> None:
+        beta1, beta2 = self.betas
+        for p in self.params:
+            if p.grad is None:
+                continue
+            state = self.state.get(id(p))
+            if state is None:
+                state = self.state[id(p)] = {"step": torch.tensor(0.0),
+                                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            state["step"] += 1
+            grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step = state["step"].item()
+            step_size = self.lr / (1 - beta1**step)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(self.eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)

@@ -1,27 +1,45 @@
-"""The study's public names: tasks, EHR representations and fusion strategies.
+"""The study's public names, declared once: tasks, fusion strategies, EHR representations,
+twin profiles and the settings of the twin that a study can be run at.
 
-This module is the one place where the names are declared; the notebooks check their
-parameters against it and the grid runner (``helpers.study``) builds the grid from it.
+Everything that lists a task, a strategy, a representation or a profile (the notebooks, the
+Snakefile, training, the comparison, the command line, the twin) reads it from here.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = [
     "Task",
     "TASKS",
-    "EHR_REPRS",
+    "Strategy",
+    "STRATEGIES",
     "FUSIONS",
+    "TOKEN_FUSIONS",
+    "MULTIMODAL",
+    "EhrRepresentation",
+    "EHR_REPRESENTATIONS",
+    "EHR_REPRS",
     "UNIMODAL_IMAGE",
+    "Profile",
+    "PROFILES",
+    "Setting",
+    "DEFAULT_INTERACTION",
     "ParameterError",
     "check_choice",
     "get_task",
+    "get_strategy",
+    "get_profile",
+    "grid_runs",
 ]
 
 
 class ParameterError(ValueError):
     """A notebook or command parameter has a value outside its allowed set."""
+
+
+# ----------------------------------------------------------------------------- tasks
 
 
 @dataclass(frozen=True)
@@ -68,20 +86,169 @@ TASKS: dict[str, Task] = {
     ),
 }
 
-EHR_REPRS: tuple[str, ...] = ("onehot", "clmbr")
 
-FUSIONS: tuple[str, ...] = (
-    "image_only",
-    "ehr_only",
-    "concat",
-    "contrastive",
-    "cross_attention",
-    "coattn_ehr_guided",
-    "coattn_image_guided",
-)
+# ----------------------------------------------------------------------------- strategies
 
-# image_only does not use an EHR representation; its runs live under this ehr_repr name.
+
+@dataclass(frozen=True)
+class Strategy:
+    """A fusion strategy: its parameter value ``name``, its row ``label`` in Table 1, the
+    modalities it uses (``image``, ``ehr``) and whether it attends over token sequences."""
+
+    name: str
+    label: str
+    modalities: tuple[str, ...]
+    tokens: bool
+    summary: str
+
+    @property
+    def uses_image(self) -> bool:
+        return "image" in self.modalities
+
+    @property
+    def uses_ehr(self) -> bool:
+        return "ehr" in self.modalities
+
+    @property
+    def unimodal(self) -> bool:
+        return len(self.modalities) == 1
+
+
+# In the order of the paper's Table 1.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("image_only", "Image only", ("image",), False,
+             "survival head on the image embedding (the unimodal reference)"),
+    Strategy("ehr_only", "EHR only", ("ehr",), False, "survival head on the EHR embedding"),
+    Strategy("concat", "Concatenation", ("image", "ehr"), False,
+             "concatenation of the two embeddings (the cross-modal reference)"),
+    Strategy("contrastive", "Contrastive learning", ("image", "ehr"), False,
+             "CLIP-style InfoNCE alignment of projected embeddings, then a survival head"),
+    Strategy("cross_attention", "Cross-attention", ("image", "ehr"), True,
+             "bidirectional cross-attention; fused = concat(h_ehr, A_ehr<-img, h_img, A_img<-ehr)"),
+    Strategy("coattn_image_guided", "Co-attention (image guide)", ("image", "ehr"), True,
+             "image queries attend over EHR tokens; fused = concat(h_ehr, A)"),
+    Strategy("coattn_ehr_guided", "Co-attention (EHR guide)", ("image", "ehr"), True,
+             "EHR queries attend over image tokens; fused = concat(h_img, A)"),
+)}
+FUSIONS: tuple[str, ...] = tuple(STRATEGIES)
+TOKEN_FUSIONS: tuple[str, ...] = tuple(s.name for s in STRATEGIES.values() if s.tokens)
+MULTIMODAL: tuple[str, ...] = tuple(s.name for s in STRATEGIES.values() if not s.unimodal)
+
+
+# ----------------------------------------------------------------------------- EHR representations
+
+
+@dataclass(frozen=True)
+class EhrRepresentation:
+    """An EHR representation (``ehr_repr``): its name (an entry of the manifest's
+    ``encoders.ehr``), its label in Table 1 and how attention strategies cut it into tokens
+    (``feature``: one token per curated feature; ``chunk``: equal chunks of the vector)."""
+
+    name: str
+    label: str
+    ehr_tokens: str
+
+
+EHR_REPRESENTATIONS: dict[str, EhrRepresentation] = {r.name: r for r in (
+    EhrRepresentation("onehot", "one-hot", "feature"),
+    EhrRepresentation("clmbr", "CLMBR", "chunk"),
+)}
+EHR_REPRS: tuple[str, ...] = tuple(EHR_REPRESENTATIONS)
+# image_only uses no EHR representation; its runs live under this ehr_repr name.
 UNIMODAL_IMAGE = "none"
+
+
+# ----------------------------------------------------------------------------- twin profiles and settings
+
+# The twin's default cross-modal interaction (kappa, see helpers.twin).
+DEFAULT_INTERACTION = 0.35
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A size of the digital twin and the grid run on it.
+
+    ``sizes``: CT studies per task and institution (``internal``, ``external``).
+    ``min_event_rate``: a floor on every institution's event fraction within the horizon (a
+    teaching twin raises the paper's rates so that small test cohorts hold enough events;
+    ``None`` keeps the paper's rates). ``seeds``: training seeds of the grid.
+    ``sweep_profile`` and ``sweep_shares``: the twin size and ``image_share`` values of the
+    imbalance study (the same rules at other settings; ``()`` for none), which trains
+    ``sweep_ehr_reprs`` only.
+    """
+
+    name: str
+    summary: str
+    sizes: dict[str, dict[str, int]]
+    min_event_rate: float | None
+    seeds: tuple[int, ...]
+    sweep_profile: str
+    sweep_shares: tuple[float, ...]
+    sweep_ehr_reprs: tuple[str, ...] = ("onehot",)
+
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (
+    Profile("tiny", "a few dozen studies per task: the tests' twin",
+            {"pe": {"internal": 140, "external": 40}, "mace": {"internal": 140, "external": 40}},
+            min_event_rate=0.3, seeds=(0,), sweep_profile="tiny", sweep_shares=(0.5, 1.0)),
+    Profile("quick", "a few hundred studies per task, teaching event rates: a workshop's coffee break",
+            {"pe": {"internal": 600, "external": 150}, "mace": {"internal": 480, "external": 150}},
+            min_event_rate=0.3, seeds=(0,), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0)),
+    Profile("paper", "the paper's cohort sizes and event rates, three training seeds",
+            {"pe": {"internal": 4197, "external": 435}, "mace": {"internal": 3788, "external": 682}},
+            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick",
+            sweep_shares=(0.0, 0.25, 0.5, 0.75, 1.0)),
+)}
+
+
+def _num(value: float) -> str:
+    return f"{round(float(value), 4):g}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A setting of the digital twin: its profile, ``image_share`` (the CT's share of the
+    non-interaction log-hazard), ``interaction`` (kappa) and seed. ``label`` names its
+    folder under the output directory, ``<profile>/share-<s>_interaction-<k>_seed-<n>``.
+
+    >>> Setting("quick", 0.5, 0.35, 7).label
+    'quick/share-0.5_interaction-0.35_seed-7'
+    >>> Setting.from_label("quick/share-0.5_interaction-0.35_seed-7") == Setting("quick", 0.5, 0.35, 7)
+    True
+    """
+
+    profile: str
+    image_share: float
+    interaction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        check_choice("profile", self.profile, tuple(PROFILES))
+        if not (math.isfinite(self.image_share) and 0.0 <= self.image_share <= 1.0):
+            raise ParameterError(f"parameter 'image_share': expected a number in [0, 1], got {self.image_share!r}")
+        if not (math.isfinite(self.interaction) and self.interaction >= 0.0):
+            raise ParameterError(f"parameter 'interaction': expected a number >= 0, got {self.interaction!r}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
+            raise ParameterError(f"parameter 'seed': expected an integer >= 0, got {self.seed!r}")
+
+    @property
+    def label(self) -> str:
+        return (f"{self.profile}/share-{_num(self.image_share)}_interaction-{_num(self.interaction)}"
+                f"_seed-{int(self.seed)}")
+
+    @classmethod
+    def from_label(cls, label: str) -> Setting:
+        """The setting a folder label names (see ``label``); ``ParameterError`` otherwise."""
+        try:
+            profile, rest = label.split("/")
+            parts = dict(part.split("-", 1) for part in rest.split("_"))
+            return cls(profile, float(parts["share"]), float(parts["interaction"]), int(parts["seed"]))
+        except (ValueError, KeyError):
+            raise ParameterError(f"{label!r} is not a twin setting label; expected "
+                                 f"<profile>/share-<s>_interaction-<k>_seed-<n>") from None
+
+
+# ----------------------------------------------------------------------------- lookups
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> str:
@@ -92,11 +259,11 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...] | list[str])
     >>> check_choice("fusion", "late", FUSIONS)
     Traceback (most recent call last):
     ...
-    helpers.tasks.ParameterError: parameter 'fusion': unknown value 'late'; expected one of image_only, ehr_only, concat, contrastive, cross_attention, coattn_ehr_guided, coattn_image_guided
+    helpers.tasks.ParameterError: parameter 'fusion': unknown value 'late'; expected one of image_only, ehr_only, concat, contrastive, cross_attention, coattn_image_guided, coattn_ehr_guided
     """
     if value not in allowed:
         raise ParameterError(
-            f"parameter {name!r}: unknown value {value!r}; expected one of {', '.join(allowed)}"
+            f"parameter {name!r}: unknown value {value!r}; expected one of {', '.join(map(str, allowed))}"
         )
     return str(value)
 
@@ -104,3 +271,28 @@ def check_choice(name: str, value: object, allowed: tuple[str, ...] | list[str])
 def get_task(name: str) -> Task:
     """The ``Task`` called ``name`` (``pe`` or ``mace``), or ``ParameterError``."""
     return TASKS[check_choice("task", name, tuple(TASKS))]
+
+
+def get_strategy(name: str) -> Strategy:
+    """The ``Strategy`` called ``name``, or ``ParameterError``."""
+    return STRATEGIES[check_choice("fusion", name, FUSIONS)]
+
+
+def get_profile(name: str) -> Profile:
+    """The ``Profile`` called ``name``, or ``ParameterError``."""
+    return PROFILES[check_choice("profile", name, tuple(PROFILES))]
+
+
+def grid_runs(ehr_reprs: tuple[str, ...] = EHR_REPRS, fusions: tuple[str, ...] = FUSIONS,
+              seeds: tuple[int, ...] = (0,)) -> list[tuple[str, str, int]]:
+    """The (ehr_repr, fusion, seed) runs of a grid: a strategy that uses no EHR runs once
+    under ``UNIMODAL_IMAGE``, every other once per EHR representation.
+
+    >>> grid_runs(("onehot", "clmbr"), ("image_only", "concat"))
+    [('none', 'image_only', 0), ('onehot', 'concat', 0), ('clmbr', 'concat', 0)]
+    """
+    runs = []
+    for fusion in fusions:
+        reprs = (UNIMODAL_IMAGE,) if not get_strategy(fusion).uses_ehr else ehr_reprs
+        runs += [(r, fusion, s) for r in reprs for s in seeds]
+    return runs

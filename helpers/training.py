@@ -20,9 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.fusion import SurvivalModel, build_model, info_nce, retrieval_accuracy
+from helpers.fusion import Prepared, SurvivalModel, build_model, info_nce, retrieval_accuracy
 from helpers.metrics import harrell_c
+from helpers.runs import RunSpec, run_dir, survival_column
 from helpers.survival import (
+    Adam,
     BreslowBaseline,
     cox_loss,
     event_stratified_batches,
@@ -143,7 +145,9 @@ def _rows(inputs: dict, idx: torch.Tensor) -> dict:
     return {k: None if v is None else v[idx] for k, v in inputs.items()}
 
 
-def _call(model: SurvivalModel, inputs: dict) -> torch.Tensor:
+def _call(model: SurvivalModel, inputs: dict | Prepared) -> torch.Tensor:
+    if isinstance(inputs, Prepared):
+        return model.forward_prepared(inputs)
     return model(inputs["img"], inputs["ehr"], **{k: v for k, v in inputs.items() if k not in ("img", "ehr")})
 
 
@@ -247,21 +251,32 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
         if not config.finetune_projection:
             for p in model.projection_parameters():
                 p.requires_grad_(False)
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    # every split is standardised once (kept columns only), not at every batch
+    with torch.no_grad():
+        t_prep, v_prep = _prepare(model, t_in), _prepare(model, v_in)
+    del t_in, v_in
+    # the same arithmetic as torch.optim.Adam, without its one-off import of torch._dynamo
+    optimiser = Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     best = (np.inf, 0, {k: v.clone() for k, v in model.state_dict().items()})
     rows = []
+    shuffled = None
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         losses = []
-        for batch in event_stratified_batches(train.event, config.batch_size, rng):
-            idx = torch.as_tensor(batch.astype(np.int64))
-            output = _call(model, _rows(t_in, idx))
+        batches = event_stratified_batches(train.event, config.batch_size, rng)
+        # the epoch's studies in batch order, copied into one buffer: each batch is a slice
+        order = torch.as_tensor(np.concatenate(batches).astype(np.int64))
+        shuffled = t_prep.gather(order, out=shuffled)
+        ends = np.cumsum([len(b) for b in batches]).tolist()
+        for a, b in zip([0] + ends[:-1], ends, strict=True):
+            idx = order[a:b]
+            output = model.forward_prepared(shuffled.rows(slice(a, b)))
             loss = _loss(model, output, t_event[idx], t_time[idx]) + config.l2 * _l2(model.named_parameters())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        v_out = predict_output(model, val, inputs=v_in)
+        v_out = predict_output(model, val, inputs=v_prep)
         v_loss = float(_loss(model, v_out, v_event, v_time))
         v_c = harrell_c(time=val.time, event=val.event, risk=model.risk(v_out).double().numpy())
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v_loss, "val_c_index": v_c})
@@ -276,14 +291,24 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
     return FitResult(model, pd.DataFrame(rows), best[1], _time.perf_counter() - start, config, alignment)
 
 
-def predict_output(model: SurvivalModel, data: Arrays, *, inputs: dict | None = None, chunk: int = 1024) -> torch.Tensor:
+def _prepare(model: SurvivalModel, inputs: dict) -> Prepared:
+    return model.prepare(inputs["img"], inputs["ehr"], **{k: v for k, v in inputs.items() if k not in ("img", "ehr")})
+
+
+def predict_output(model: SurvivalModel, data: Arrays, *, inputs: dict | Prepared | None = None,
+                   chunk: int = 1024) -> torch.Tensor:
     """The model's raw output in eval mode, without gradients: log-hazard (n,) for Cox, log
-    scale and log shape (n, 2) for Weibull. Scored ``chunk`` studies at a time."""
+    scale and log shape (n, 2) for Weibull. Scored ``chunk`` studies at a time (``inputs``:
+    ``data.inputs()`` or the model's ``prepare`` of them, by default the former)."""
     inputs = data.inputs() if inputs is None else inputs
     model.eval()
     n = len(data)
     with torch.no_grad():
-        parts = [_call(model, _rows(inputs, torch.arange(a, min(n, a + chunk)))) for a in range(0, n, chunk)]
+        if isinstance(inputs, Prepared):
+            parts = [model.forward_prepared(inputs.rows(slice(a, min(n, a + chunk)))) for a in range(0, n, chunk)]
+        else:
+            parts = [_call(model, {k: None if v is None else v[a:a + chunk] for k, v in inputs.items()})
+                     for a in range(0, n, chunk)]
     return torch.cat(parts)
 
 
@@ -332,41 +357,40 @@ def split_arrays(cohort: pd.DataFrame, img_table=None, ehr_table=None, *, image_
     ehr_rows, ehr_missing = _lookup(ehr_table, ids, "EHR embeddings") if ehr_table is not None else (None, None)
 
     def take(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        out = matrix[np.maximum(rows, 0)].astype(np.float32, copy=True)
+        out = matrix[np.maximum(rows, 0)].astype(np.float32, copy=False)  # a new array: the index copies
         out[rows < 0] = 0.0
         return out
 
-    tokens = mask = None
+    block = tokens = mask = None
     if image_tokens:
         if img_table is None or img_table.tokens is None:
             raise ValueError("image embeddings: the table has no 'tokens' column (per-slice tokens)")
-        lengths = np.array([len(img_table.tokens[r]) if r >= 0 else 0 for r in img_rows])
-        t_max, dim = int(lengths.max()), int(img_table.tokens[int(img_rows[img_rows >= 0][0])].shape[1])
-        tokens = np.zeros((len(ids), t_max, dim), dtype=np.float32)
-        for i, r in enumerate(img_rows):
-            if r >= 0:
-                tokens[i, : lengths[i]] = img_table.tokens[r]
-        lengths[img_missing] = t_max
-        mask = None if (lengths == t_max).all() else np.arange(t_max)[None, :] < lengths[:, None]
+        # every study with the same number of tokens: one (n, T, d) array, each split takes its rows
+        block = img_table.token_array() if hasattr(img_table, "token_array") else None
+        if block is None:
+            lengths = np.array([len(img_table.tokens[r]) if r >= 0 else 0 for r in img_rows])
+            t_max, dim = int(lengths.max()), int(img_table.tokens[int(img_rows[img_rows >= 0][0])].shape[1])
+            tokens = np.zeros((len(ids), t_max, dim), dtype=np.float32)
+            for i, r in enumerate(img_rows):
+                if r >= 0:
+                    tokens[i, : lengths[i]] = img_table.tokens[r]
+            lengths[img_missing] = t_max
+            mask = None if (lengths == t_max).all() else np.arange(t_max)[None, :] < lengths[:, None]
     out = {}
     for name in splits:
         m = (cohort["split"] == name).to_numpy()
         if not m.any():
             continue
+        split_tokens = take(block, img_rows[m]) if block is not None else tokens[m] if tokens is not None else None
         out[name] = (ids[m], Arrays(
-            img=take(img_table.embedding, img_rows)[m] if img_table is not None else None,
-            ehr=take(ehr_table.embedding, ehr_rows)[m] if ehr_table is not None else None,
+            img=take(img_table.embedding, img_rows[m]) if img_table is not None else None,
+            ehr=take(ehr_table.embedding, ehr_rows[m]) if ehr_table is not None else None,
             time=cohort["time"].to_numpy()[m], event=cohort["event"].to_numpy()[m],
-            img_tokens=tokens[m] if tokens is not None else None,
+            img_tokens=split_tokens,
             img_token_mask=mask[m] if mask is not None else None,
             img_missing=img_missing[m] if img_missing is not None and img_missing.any() else None,
             ehr_missing=ehr_missing[m] if ehr_missing is not None and ehr_missing.any() else None))
     return out
-
-
-def run_dir(run_root: Path, task: str, ehr_repr: str, fusion: str, seed: int) -> Path:
-    """``<run_root>/runs/<task>/<ehr_repr>/<fusion>/seed-<seed>``."""
-    return Path(run_root) / "runs" / task / ehr_repr / fusion / f"seed-{seed}"
 
 
 def write_run(
@@ -393,11 +417,6 @@ def write_run(
     atomic("predictions.parquet", lambda p: predictions.to_parquet(p, index=False))
     atomic("params.json", lambda p: p.write_text(json.dumps({**params, "config": asdict(result.config)}, indent=2, default=str)))
     atomic("metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, default=float)))
-
-
-def survival_column(horizon_days: int) -> str:
-    """Name of the predictions column with S(horizon | x): ``survival_<horizon>d``."""
-    return f"survival_{horizon_days}d"
 
 
 def make_predictions(
@@ -436,4 +455,107 @@ def make_predictions(
     return pd.concat(frames, ignore_index=True), scores
 
 
-__all__ += ["survival_column", "make_predictions"]
+__all__ += ["survival_column", "make_predictions", "RunResult", "train_config", "train_run"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One training run, end to end (what notebooks/03_train.ipynb calls)
+
+_CHOICES = {"loss": ("cox", "weibull"), "stop_on": ("loss", "c_index"), "ehr_tokens": ("feature", "chunk"),
+            "image_tokens": ("slices", "chunk")}
+
+
+def train_config(options: dict | None = None, *, ehr_repr: str | None = None) -> TrainConfig:
+    """A ``TrainConfig`` from hyper-parameter ``options`` (field names of ``TrainConfig``; the
+    others keep their defaults, which are declared there only). Without an ``ehr_tokens``
+    option, attention strategies cut the EHR into the tokens its representation declares
+    (``helpers.tasks.EHR_REPRESENTATIONS``). Unknown names and values outside a field's
+    choices raise ``ParameterError`` naming them."""
+    from dataclasses import fields
+
+    from helpers.tasks import EHR_REPRESENTATIONS, ParameterError, check_choice
+
+    options = dict(options or {})
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ParameterError(f"training option(s) {', '.join(map(repr, unknown))} unknown; expected some of "
+                             f"{', '.join(known)}")
+    for name, allowed in _CHOICES.items():
+        if name in options:
+            check_choice(name, options[name], allowed)
+    for name, value in options.items():
+        default = getattr(TrainConfig, name)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ParameterError(f"parameter {name!r}: expected true or false, got {value!r}")
+        elif isinstance(default, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ParameterError(f"parameter {name!r}: expected a number, got {value!r}")
+        elif isinstance(default, int) and not isinstance(default, bool) and int(value) != value:
+            raise ParameterError(f"parameter {name!r}: expected an integer, got {value!r}")
+    if "ehr_tokens" not in options and ehr_repr in EHR_REPRESENTATIONS:
+        options["ehr_tokens"] = EHR_REPRESENTATIONS[ehr_repr].ehr_tokens
+    return TrainConfig(**{k: (int(v) if isinstance(getattr(TrainConfig, k), int)
+                              and not isinstance(getattr(TrainConfig, k), bool) else v)
+                          for k, v in options.items()})
+
+
+@dataclass
+class RunResult:
+    """What ``train_run`` made: the fit, the inputs per split, the predictions and scores, the
+    contrastive alignment report (empty for other strategies) and the run folder."""
+
+    spec: RunSpec
+    fit: FitResult
+    splits: dict
+    missing: dict
+    predictions: pd.DataFrame
+    scores: dict
+    alignment: dict
+    tokens: dict | None
+    output_dir: Path
+
+
+def train_run(spec: RunSpec, *, progress: bool = False) -> RunResult:
+    """Train the run ``spec`` names and write it (``helpers.runs`` format): read the cohort and
+    embedding tables, fit with early stopping on validation, predict every split, write
+    ``params.json`` (names, inputs and their sha256, encoders, configuration),
+    ``predictions.parquet``, ``model.pt`` and, last, ``metrics.json``."""
+    from helpers import cohort as hc
+    from helpers.embeddings import read_embeddings
+    from helpers.manifest import sha256_path
+    from helpers.tasks import get_strategy, get_task
+
+    task = get_task(spec.task)
+    strategy = get_strategy(spec.fusion)
+    config = train_config(spec.options, ehr_repr=spec.ehr_repr)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    cohort = hc.read_cohort(spec.cohort_path)
+    needs_tokens = strategy.tokens and config.image_tokens == "slices"
+    img_table = read_embeddings(spec.image_embeddings, tokens=needs_tokens) if strategy.uses_image else None
+    ehr_table = read_embeddings(spec.ehr_embeddings, tokens=False) if strategy.uses_ehr else None
+    splits = split_arrays(cohort, img_table, ehr_table, image_tokens=needs_tokens)
+    missing = missing_counts(splits)
+    result = fit(spec.fusion, splits["train"][1], splits["val"][1], config=config, seed=spec.seed)
+    alignment = ({s: alignment_report(result.model, splits[s][1]) for s in ("val", "test") if s in splits}
+                 if spec.fusion == "contrastive" else {})
+    predictions, scores = make_predictions(result.model, splits, task.horizon_days)
+    tokens = {"image": config.image_tokens, "ehr": config.ehr_tokens} if strategy.tokens else None
+    metrics = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+               "loss": config.loss, "tokens": tokens, "best_epoch": result.best_epoch, "epochs": len(result.history),
+               "train_seconds": round(result.seconds, 2), "splits": scores, "missing": missing,
+               "alignment": alignment or None}
+    inputs = [spec.cohort_path] + ([spec.image_embeddings] if strategy.uses_image else []) \
+        + ([spec.ehr_embeddings] if strategy.uses_ehr else [])
+    params = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+              "loss": config.loss, "tokens": tokens, "options": spec.options, "cohort_path": str(spec.cohort_path),
+              "image_embeddings": str(spec.image_embeddings) if strategy.uses_image else None,
+              "ehr_embeddings": str(spec.ehr_embeddings) if strategy.uses_ehr else None,
+              "image_encoder": img_table.metadata if img_table else None,
+              "ehr_encoder": ehr_table.metadata if ehr_table else None,
+              "horizon_days": task.horizon_days,
+              "inputs_sha256": {str(p): sha256_path(p) for p in inputs}}
+    write_run(spec.output_dir, result=result, predictions=predictions, metrics=metrics, params=params)
+    return RunResult(spec=spec, fit=result, splits=splits, missing=missing, predictions=predictions, scores=scores,
+                     alignment=alignment, tokens=tokens, output_dir=Path(spec.output_dir))

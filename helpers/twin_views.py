@@ -1,7 +1,7 @@
 """Figures and tables of the digital-twin chapter (``notebooks/00_twin.ipynb``).
 
 Every function reads one task's twin folder (``<twin_dir>/<task>``, see ``helpers.twin``) or
-its ``twin.json`` summary. Nothing shown identifies a synthetic patient: no study or person
+its ``twin.json`` summary; the ground truth through ``helpers.truth`` (reader ``twin_chapter``). Nothing shown identifies a synthetic patient: no study or person
 ids, no source values, no birth dates and no dates of service; times are days relative to
 the index CT.
 """
@@ -18,6 +18,7 @@ from lifelines import KaplanMeierFitter
 
 from helpers.imaging import load_volume, window
 from helpers.tasks import TASKS
+from helpers.truth import read_lesions, read_mask, read_truth
 from helpers.twin import INSTITUTIONS, factor_effects
 
 __all__ = [
@@ -32,13 +33,20 @@ __all__ = [
 
 WINDOWS: dict[str, tuple[float, float]] = {"PE": (-1350.0, 150.0), "MACE": (-125.0, 225.0)}
 _SITE_LABEL = {name: f"{inst} ({name}, {fmt})" for inst, (name, _, fmt) in INSTITUTIONS.items()}
+_READER = "twin_chapter"
+
+
+def _where(task_dir: Path) -> tuple[Path, str]:
+    """``(twin_dir, task)`` of a task folder ``<twin_dir>/<task>``."""
+    task_dir = Path(task_dir)
+    return task_dir.parent, task_dir.name
 
 
 def _example_study(task_dir: Path, task: str, site: str) -> pd.Series:
     """The imaging-index row of a study of ``site`` with a typical-to-large lesion load (the
     80th percentile of embolus voxels for pe, calcification voxels for mace)."""
     index = pd.read_parquet(task_dir / "imaging_index.parquet")
-    lesions = pd.read_parquet(task_dir / "ground_truth" / "lesions.parquet")
+    lesions = read_lesions(*_where(task_dir), reader=_READER)
     column = "embolus_voxels" if task == "pe" else "calcification_voxels"
     rows = index.merge(lesions, on="study_id")
     rows = rows[rows["institution"] == site].sort_values([column, "study_id"], kind="stable")
@@ -68,7 +76,7 @@ def ct_examples(task_dir: str | Path, task: str, *, n_slices: int = 3) -> plt.Fi
     for site, _, _ in INSTITUTIONS.values():
         row = _example_study(task_dir, task, site)
         vol = load_volume(task_dir / row["image_path"])
-        mask = np.load(task_dir / "ground_truth" / "masks" / f"{row['study_id']}.npz")["mask"]
+        mask = read_mask(*_where(task_dir), row["study_id"], reader=_READER)
         rows.append((site, vol, mask, _lesion_slices(mask, n_slices)))
     ncols = max(len(r[3]) for r in rows)
     fig, axes = plt.subplots(2 * len(rows), ncols, figsize=(2.6 * ncols, 2.6 * 2 * len(rows)))
@@ -116,8 +124,9 @@ _DOMAINS = (
 def _timeline_rows(task_dir: Path, task: str) -> pd.DataFrame:
     """Records of one synthetic patient (an internal patient with an event and a median
     number of condition records), as ``domain``, ``concept``, ``days`` from the index CT."""
-    factors = pd.read_parquet(
-        task_dir / "ground_truth" / "factors.parquet",
+    factors = read_truth(
+        *_where(task_dir),
+        reader=_READER,
         columns=["study_id", "person_id", "institution", "recorded_event", "defect"],
     )
     index = pd.read_parquet(task_dir / "imaging_index.parquet")
@@ -207,7 +216,7 @@ def km_by_institution(task_dir: str | Path, task: str) -> plt.Figure:
     """Kaplan-Meier event-free curves per institution from the recorded outcomes (what a
     cohort builder sees, planted defects left out), and dashed, the true event times without
     censoring (ground truth, known only in the twin)."""
-    f = pd.read_parquet(Path(task_dir) / "ground_truth" / "factors.parquet")
+    f = read_truth(*_where(Path(task_dir)), reader=_READER)
     f = f[f["defect"] == ""]
     horizon = TASKS[task].horizon_days
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -239,7 +248,12 @@ def knob_table(info: dict[str, Any]) -> pd.DataFrame:
     (``data.synthetic``) and the sizes they imply."""
     p = info["parameters"]
     rows = [
-        ("profile", p["profile"], "numbers of CT studies (quick: small; paper: the paper's)"),
+        (
+            "profile",
+            p["profile"],
+            "numbers of CT studies and event rates (tiny, quick: small teaching twins with "
+            "raised event rates; paper: the paper's sizes and rates)",
+        ),
         ("seed", p["seed"], "every random draw; equal settings give identical files"),
         (
             "image_share",
@@ -247,6 +261,22 @@ def knob_table(info: dict[str, Any]) -> pd.DataFrame:
             "share of the non-interaction log-hazard variance carried by CT factors",
         ),
     ]
+    if "interaction" in p:
+        rows.append(
+            (
+                "interaction",
+                p["interaction"],
+                "weight (kappa) of the cross-modal interaction: CT factor x EHR modifier",
+            )
+        )
+    if p.get("min_event_rate") is not None:
+        rows.append(
+            (
+                "min_event_rate",
+                p["min_event_rate"],
+                "floor on each institution's event fraction (raises the paper's rates)",
+            )
+        )
     for inst, n in p["sizes"].items():
         rows.append((f"studies ({inst})", n, "from the profile"))
     rows.append(("generator_version", info["generator_version"], "the twin's code version"))
@@ -269,7 +299,8 @@ def factor_table(task: str, image_share: float) -> pd.DataFrame:
 
 def event_rate_table(info: dict[str, Any]) -> pd.DataFrame:
     """Per institution: studies, patients, events, the event fraction within the horizon
-    against the paper's target, and the oracle C-index of the true log-hazard."""
+    against its target (the paper's rate, raised by a teaching profile's floor; both shown),
+    and the oracle C-index of the true log-hazard."""
     rows = []
     for site, counts in info["counts"].items():
         r = info["event_rates"][site]
@@ -281,6 +312,7 @@ def event_rate_table(info: dict[str, Any]) -> pd.DataFrame:
                 "events": counts["events"],
                 "event fraction": r["observed_event_fraction"],
                 "target": r["target_event_fraction"],
+                "paper's rate": r.get("paper_event_fraction", r["target_event_fraction"]),
                 "oracle C-index": r["oracle_c_index"],
             }
         )

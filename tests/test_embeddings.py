@@ -85,3 +85,25 @@ def test_slice_preprocess_harmonises_scanners():
     naive = SlicePreprocess(window_hu=(-125.0, 225.0), n_slices=8, size=64, calibrate_air=False, fov_mm=None,
                             slab_mm=None)
     assert float((naive(reference) - naive(other)).abs().mean()) > 3 * float((a - b).abs().mean())  # 0.016
+
+
+def test_equal_token_counts_read_as_one_array_and_bad_tokens_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(5, 3)).astype(np.float32)
+    tokens = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(5)]
+    table = read_embeddings(write_embeddings(tmp_path / "e.parquet", list("abcde"), emb, tokens=tokens))
+    block = table.token_array()
+    assert block.shape == (5, 4, 3) and block.dtype == np.float32
+    np.testing.assert_array_equal(block, np.stack(tokens))
+    assert all(np.shares_memory(t, block) for t in table.tokens)  # the per-study arrays are views, no copies
+    aligned = table.align(["d", "a"])
+    np.testing.assert_array_equal(aligned.token_array(), np.stack([tokens[3], tokens[0]]))
+    assert [t.shape for t in aligned.tokens] == [(4, 3), (4, 3)]
+    ragged = read_embeddings(write_embeddings(tmp_path / "r.parquet", ["a", "b"], emb[:2], tokens=[tokens[0], tokens[1][:2]]))
+    assert ragged.token_array() is None and [t.shape for t in ragged.tokens] == [(4, 3), (2, 3)]
+    assert read_embeddings(tmp_path / "e.parquet", tokens=False).token_array() is None
+    tokens[2][1, 0] = np.inf
+    tokens[4][3, 2] = np.nan
+    write_embeddings(tmp_path / "bad.parquet", list("abcde"), emb, tokens=tokens)
+    with pytest.raises(EmbeddingError, match=r"2 row\(s\) with empty or non-finite tokens, e.g. c, e"):
+        read_embeddings(tmp_path / "bad.parquet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -365,3 +366,60 @@ def test_encode_volumes_with_workers_matches_in_process(tmp_path):
     assert stats["computed_volumes"] == 5 and stats["decode_seconds"] >= 0
     with pytest.raises(ValueError, match="parameter 'batch_size': must be >= 1, got 0"):
         encode_volumes(enc, dataset, batch_size=0)
+
+
+def test_encoding_one_volume_per_call_gives_the_batched_numbers(tmp_path):
+    dataset = _volumes(tmp_path, 5)
+    enc = image_encoder("randconv")
+    _, tokens = encode_volumes(enc, dataset, batch_size=5)
+    with torch.no_grad():
+        together = enc(torch.cat([dataset[i][1] for i in range(5)])).numpy()
+    np.testing.assert_allclose(np.concatenate(tokens), together, rtol=1e-6, atol=1e-7)
+
+
+def test_slice_cache_is_shared_and_follows_the_volume(tmp_path, monkeypatch):
+    from helpers.encoders import image as image_module
+    from helpers.encoders import slice_cache_dir
+
+    plain = _volumes(tmp_path, 3)
+    cache = slice_cache_dir(tmp_path / "run", "pe")
+    assert cache == tmp_path / "run" / "embeddings" / "pe" / "slices"
+    first = VolumeDataset(plain.study_ids, plain.paths, plain.preprocess, cache_dir=cache)
+    expected = [plain[i][1] for i in range(3)]
+    for i in range(3):
+        assert torch.equal(first[i][1], expected[i])
+    files = sorted(cache.rglob("*.npy"))
+    assert len(files) == 3 and not list(cache.rglob(".*"))
+    # another dataset with the same preprocessing reads the slices instead of the volumes
+    monkeypatch.setattr(image_module, "load_volume", lambda path: (_ for _ in ()).throw(AssertionError(path)))
+    second = VolumeDataset(plain.study_ids, plain.paths, plain.preprocess, cache_dir=cache)
+    assert all(torch.equal(second[i][1], expected[i]) for i in range(3))
+    monkeypatch.undo()
+    # another preprocessing has its own folder; a rewritten volume is preprocessed again
+    other = SlicePreprocess(window_hu=(-1350.0, 150.0), n_slices=4, size=32)
+    VolumeDataset(plain.study_ids[:1], plain.paths[:1], other, cache_dir=cache)[0]
+    assert len(list(cache.iterdir())) == 2
+    hu = np.full((12, 40, 40), 300.0, dtype=np.float32)
+    write_nifti(Volume(hu, (5.0, 1.0, 1.0)), plain.paths[0])
+    os.utime(plain.paths[0], ns=(1, 1))
+    fresh = first[0][1]
+    assert torch.equal(fresh, plain[0][1]) and not torch.equal(fresh, expected[0])
+
+
+def test_dicom_pixels_read_directly_equal_pydicoms(tmp_path, monkeypatch):
+    from datetime import date
+
+    from helpers import imaging
+
+    rng = np.random.default_rng(2)
+    hu = rng.normal(0.0, 300.0, size=(5, 12, 10)).astype(np.float32)
+    hu[0, 0, 0] = -2000.0
+    folder = tmp_path / "series"
+    imaging.write_dicom_series(Volume(hu, (2.5, 0.7, 0.8), (10.0, -5.0, 3.0)), folder, patient_id="p1",
+                               study_uid="1.2.3", series_uid="1.2.3.4", study_datetime=date(2020, 1, 2),
+                               institution_name="site")
+    fast = imaging.load_volume(folder)
+    monkeypatch.setattr(imaging, "_stored_pixels", lambda ds: ds.pixel_array)
+    reference = imaging.load_volume(folder)
+    assert fast.hu.dtype == reference.hu.dtype and np.array_equal(fast.hu, reference.hu)
+    assert (fast.spacing, fast.origin) == (reference.spacing, reference.origin)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from helpers.fusion import (
-    IMPLEMENTED,
     TOKEN_FUSIONS,
     CrossAttention,
     build_model,
@@ -15,6 +14,7 @@ from helpers.fusion import (
     retrieval_accuracy,
 )
 from helpers.survival import weibull_loss, weibull_survival
+from helpers.tasks import FUSIONS
 from helpers.training import (
     Arrays,
     TrainConfig,
@@ -65,7 +65,7 @@ _MAP = np.random.default_rng(123).normal(size=(D_TOK, D_EHR)).astype(np.float32)
 _FAST = TrainConfig(max_epochs=4, batch_size=64, align_epochs=4, d_model=16, proj_dim=8)
 
 
-@pytest.mark.parametrize("fusion", IMPLEMENTED)
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("loss", ["cox", "weibull"])
 def test_output_shapes(fusion, loss):
     model = _model(fusion, loss=loss)
@@ -78,7 +78,7 @@ def test_output_shapes(fusion, loss):
     assert model.fused(x["img"], x["ehr"], img_tokens=x["img_tokens"]).shape == (9, expected)
 
 
-@pytest.mark.parametrize("fusion", IMPLEMENTED)
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_a_study_does_not_see_the_rest_of_its_batch(fusion):
     model = _model(fusion)
     a, b = _inputs(8, 1), _inputs(8, 2)
@@ -172,7 +172,7 @@ def test_gradients_reach_only_the_fusion_and_head(finetune):
     assert not any(b.requires_grad for b in model.buffers())
 
 
-@pytest.mark.parametrize("fusion", IMPLEMENTED)
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_same_seed_gives_identical_predictions(fusion):
     train, val = _toy(160, 7), _toy(60, 8)
     a = fit(fusion, train, val, config=_FAST, seed=3)
@@ -242,7 +242,7 @@ def test_modality_dropout_only_in_training_and_only_for_bimodal_models():
 
 
 def test_attention_strategies_need_tokens_and_name_the_options():
-    assert set(TOKEN_FUSIONS) <= set(IMPLEMENTED)
+    assert set(TOKEN_FUSIONS) <= set(FUSIONS)
     with pytest.raises(ValueError, match="parameter 'ehr_tokens': unknown value 'words'"):
         build_model("cross_attention", D_IMG, D_EHR, d_token=D_TOK, ehr_tokens="words")
     with pytest.raises(ValueError, match="parameter 'loss': unknown value 'aft'"):
@@ -252,3 +252,71 @@ def test_attention_strategies_need_tokens_and_name_the_options():
     with pytest.raises(ValueError, match="needs per-slice image tokens; the val split has none"):
         fit("coattn_image_guided", train, val, config=_FAST, seed=0)
     assert retrieval_accuracy(torch.eye(3), torch.eye(3)) == 1.0
+
+
+def test_token_columns_the_scaler_drops_are_skipped_with_the_same_risk_and_gradients():
+    """Per-slice tokens are standardised once and only the kept columns reach the token
+    embedding; the risk equals the full-width computation, a saved model scores raw tokens by
+    itself, and the gradient reaches the raw tokens (zero on the dropped columns)."""
+    from helpers.fusion import _kept_linear
+
+    g = torch.Generator().manual_seed(5)
+    x = _inputs(64, 21)
+    x["img_tokens"][..., :4] = 0.25  # constant columns: dropped by the scaler
+    x["img"] = x["img_tokens"].mean(1)
+    model = _model("cross_attention")
+    model.fit_standardisation(x["img"], x["ehr"], x["img_tokens"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))  # a non-zero missing token
+    kept = model.norm_tokens.kept
+    assert len(kept) == D_TOK - 4
+    missing = torch.tensor([i % 5 == 0 for i in range(9)])
+    raw = {k: v[:9].clone() for k, v in x.items()}
+    prepared = model.prepare(raw["img"], raw["ehr"], img_tokens=raw["img_tokens"], img_missing=missing)
+    assert prepared.img_tokens.shape == (9, T, D_TOK - 4) and prepared.img is None
+    risk = model(raw["img"], raw["ehr"], img_tokens=raw["img_tokens"], img_missing=missing)
+    assert torch.equal(risk, model.forward_prepared(prepared))
+    full = model.embed_img(model._fill(model.norm_tokens(raw["img_tokens"]), missing, model.missing_token))
+    torch.testing.assert_close(_kept_linear(model.embed_img, prepared.img_tokens, kept, missing, model.missing_token), full)
+    # a saved model scores raw inputs by itself
+    fresh = build_model("cross_attention", D_IMG, D_EHR, d_token=D_TOK, d_model=16, heads=2, proj_dim=8).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(raw["img"], raw["ehr"], img_tokens=raw["img_tokens"], img_missing=missing), risk)
+    # saliency: from the risk back to the raw tokens
+    tokens = raw["img_tokens"].clone().requires_grad_(True)
+    model.risk(model(raw["img"], raw["ehr"], img_tokens=tokens, img_missing=missing)).sum().backward()
+    grad = tokens.grad
+    assert torch.isfinite(grad).all() and grad[~missing][..., 4:].abs().sum() > 0
+    assert not grad[..., :4].any() and not grad[missing].any()
+
+
+def test_prepared_rows_and_gather_into_a_buffer():
+    model = _model("coattn_ehr_guided")
+    x = _inputs(10, 4)
+    p = model.prepare(x["img"], x["ehr"], img_tokens=x["img_tokens"])
+    order = torch.tensor([3, 1, 4, 0, 9, 2, 6, 5, 8, 7])
+    first = p.gather(order)
+    again = p.gather(order.flip(0), out=first)
+    assert again.img_tokens.data_ptr() == first.img_tokens.data_ptr() and len(again) == 10
+    assert torch.equal(again.img_tokens, p.img_tokens[order.flip(0)]) and torch.equal(again.ehr, p.ehr[order.flip(0)])
+    assert torch.equal(p.rows(slice(2, 5)).img_tokens, p.img_tokens[2:5]) and len(p.rows(slice(2, 5))) == 3
+
+
+def test_blockwise_scaler_matches_a_float64_reference(monkeypatch):
+    import helpers.scaling as scaling
+
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(1001, 7)) * [1, 1e-9, 2, 0, 3, 1, 1e3] + 5).astype(np.float32)
+    reference = x.astype(np.float64)
+    for block in (1 << 20, 50):  # one block, and blocks that do not divide the rows
+        monkeypatch.setattr(scaling, "_BLOCK_VALUES", block)
+        s = scaling.fit_scaler(x)
+        np.testing.assert_allclose(s.mean, reference.mean(0), rtol=1e-12)
+        std = reference.std(0)
+        np.testing.assert_allclose(np.where(s.keep, s.scale, std), std, rtol=1e-9)
+        assert s.keep.tolist() == [True, False, True, False, True, True, True]
+    bad = x.copy()
+    bad[700, 2] = np.nan
+    with pytest.raises(ValueError, match="holds NaN or infinite values"):
+        scaling.fit_scaler(bad)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from helpers.manifest import ChecksumError, ManifestError, dump, load, sha256_path
+from helpers.tasks import Setting
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,14 +31,19 @@ def test_the_shipped_manifest_loads():
     manifest = load(PROJECT_ROOT / "data_manifest.yaml")
     assert manifest.data.source == "synthetic"
     assert manifest.output_dir == PROJECT_ROOT / "outputs"
-    assert manifest.run_root == PROJECT_ROOT / "outputs" / manifest.synthetic.profile
+    s = manifest.synthetic
+    assert manifest.run_root == (PROJECT_ROOT / "outputs" / s.profile
+                                 / f"share-{s.image_share:g}_interaction-{s.interaction:g}_seed-{s.seed}")
 
 
 def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
     manifest = load(write(tmp_path, GOOD))
     assert manifest.output_dir == tmp_path / "out"
-    assert manifest.run_root == tmp_path / "out" / "quick"
-    assert manifest.with_profile("paper").run_root == tmp_path / "out" / "paper"
+    assert manifest.run_root == tmp_path / "out" / "quick" / "share-0.4_interaction-0.35_seed-3"
+    assert manifest.with_profile("paper").run_root == tmp_path / "out" / "paper" / "share-0.4_interaction-0.35_seed-3"
+    other = manifest.with_setting(Setting("tiny", 1.0, 0.0, 5))
+    assert other.run_root == tmp_path / "out" / "tiny" / "share-1_interaction-0_seed-5"
+    assert Setting.from_label(other.root_label) == other.synthetic.setting
 
 
 def test_dump_round_trips(tmp_path):
@@ -63,7 +69,7 @@ def _mutate(path: tuple, value):
     [
         (("output_dir",), KeyError, r"output_dir: required key is missing"),
         (("data", "synthetic", "profil"), "quick", r"data\.synthetic\.profil: unknown key"),
-        (("data", "synthetic", "profile"), "huge", r"data\.synthetic\.profile: .*'quick' or 'paper'"),
+        (("data", "synthetic", "profile"), "huge", r"data\.synthetic\.profile: .*unknown profile 'huge'; expected one of tiny, quick, paper"),
         (("data", "synthetic", "image_share"), 1.5, r"data\.synthetic\.image_share: .*less than or equal to 1"),
         (("data", "source"), "csv", r"data\.source: .*'synthetic' or 'omop'"),
         (("version",), 2, r"version: "),

@@ -1,4 +1,4 @@
-"""OMOP -> MEDS export (helpers.meds): a hand-made mini OMOP, and the quick twin when present."""
+"""OMOP -> MEDS export (helpers.meds): a hand-made mini OMOP, and a small twin written here."""
 
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ from helpers.meds import (
     write_meds,
 )
 from helpers.vocabulary import OMOP_TABLES
-
-QUICK = Path(__file__).resolve().parent.parent / "outputs" / "quick"
 
 D = dt.date
 T = dt.datetime
@@ -220,10 +218,20 @@ def test_read_meds_rejects_a_folder_without_data(tmp_path: Path) -> None:
         read_meds(tmp_path)
 
 
-@pytest.mark.skipif(not (QUICK / "twin" / "pe" / "omop").is_dir(), reason="quick twin not generated (make study)")
-def test_quick_twin_exports_every_record(tmp_path: Path) -> None:
-    omop = QUICK / "twin" / "pe" / "omop"
-    cohort = pd.read_parquet(QUICK / "cohorts" / "pe.parquet")
+def test_a_twin_exports_every_record(tmp_path: Path) -> None:
+    from helpers import cohort as hc
+    from helpers.twin import generate
+
+    generate(tmp_path / "twin", profile="tiny", seed=4, tasks=("pe",), n_override={"internal": 60, "external": 20},
+             images=False)
+    omop = tmp_path / "twin" / "pe" / "omop"
+    con = connect_omop(omop)
+    try:
+        index = hc.read_imaging_index(tmp_path / "twin" / "pe" / "imaging_index.parquet")
+        built = hc.build_cohort(con, index, "pe", imaging_root=tmp_path / "twin" / "pe")
+    finally:
+        con.close()
+    cohort = hc.assign_splits(built.cohort, test_fraction=0.25, val_fraction=0.15, external_institutions=["site_b"], seed=0)
     out = export_omop_to_meds(omop, tmp_path / "meds", cohort=cohort)
     events = read_meds(out)
     report = events.attrs["meds_report"]

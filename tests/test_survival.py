@@ -84,3 +84,23 @@ def test_breslow_survival_matches_lifelines():
         expected = cph.predict_survival_function(df[["a", "b"]], times=[t]).to_numpy().ravel()
         np.testing.assert_allclose(baseline.survival(log_hz, t), expected, rtol=1e-6, atol=1e-9)
     assert baseline.survival(log_hz, 0.0).min() == 1.0
+
+
+def test_adam_takes_the_same_steps_as_torch_adam():
+    from helpers.survival import Adam
+
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ref.load_state_dict(ours.state_dict())
+    frozen = torch.nn.Parameter(torch.ones(2))  # never gets a gradient: skipped by both
+    a, b = Adam(list(ours.parameters()) + [frozen], lr=0.01), torch.optim.Adam(list(ref.parameters()) + [frozen], lr=0.01)
+    x = torch.randn(16, 5)
+    for step in range(30):
+        for model, opt in ((ours, a), (ref, b)):
+            opt.zero_grad()
+            out = model(x * (1 + step % 3))
+            (out.square().mean() + (0.0 if step % 4 else 1e-3 * out.sum())).backward()
+            opt.step()
+        for p, q in zip(ours.parameters(), ref.parameters(), strict=True):
+            assert torch.equal(p, q), step
+    assert torch.equal(frozen, torch.ones(2))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 
 from helpers import twin
 from helpers.imaging import load_volume
-from helpers.tasks import TASKS
+from helpers.tasks import DEFAULT_INTERACTION, PROFILES, TASKS
+from helpers.twin import factors, outcomes, phantom
 from helpers.vocabulary import concept_table, concepts_in_group
 
 TINY = {"internal": 36, "external": 18}
@@ -120,10 +123,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def moderate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A larger twin without volumes, for event rates."""
+    """A larger twin without volumes, for event rates (the paper profile: the paper's rates)."""
     out = tmp_path_factory.mktemp("twin_rates")
     summary = twin.generate(
-        out, seed=3, n_override={"internal": 3000, "external": 1500}, images=False
+        out,
+        profile="paper",
+        seed=3,
+        n_override={"internal": 3000, "external": 1500},
+        images=False,
     )
     return out, summary
 
@@ -311,6 +318,7 @@ def test_event_rates_near_targets(moderate: tuple[Path, dict]) -> None:
         rates = _observed_rates(root, task)
         for site, target in targets[task].items():
             assert abs(rates[site] - target) < tol, (task, site, rates[site])
+            assert summary["tasks"][task]["event_rates"][site]["target_event_fraction"] == target
             reported = summary["tasks"][task]["event_rates"][site]["observed_event_fraction"]
             assert reported == pytest.approx(rates[site], abs=0.002)
             c = summary["tasks"][task]["event_rates"][site]["oracle_c_index"]
@@ -338,11 +346,13 @@ def test_every_study_carries_the_hazard_that_generated_its_outcome(
     repeat = src != np.arange(len(f))
     assert repeat.sum() > 20
 
-    spec = twin._SPECS[task]
+    spec = factors._SPECS[task]
     params = summary["tasks"][task]["parameters"]
-    std = twin._standardiser(task, spec, params["seed"], list(TASKS).index(task))
+    std = factors._standardiser(task, spec, params["seed"], list(TASKS).index(task))
     own = {k: f[k].to_numpy() for k in twin.FACTOR_COLUMNS}
-    scan = twin._log_hazard(task, spec, own, std, params["image_share"])
+    scan = factors._log_hazard(
+        task, spec, own, std, params["image_share"], params["interaction"]
+    )
     for k in HAZARD_COLUMNS:
         np.testing.assert_allclose(f[k], scan[k][src], rtol=0, atol=1e-12, err_msg=k)
     np.testing.assert_allclose(f["scan_log_hazard"], scan["true_log_hazard"], rtol=0, atol=1e-12)
@@ -383,9 +393,9 @@ def test_oracle_c_index_is_harrell_c_of_the_true_log_hazard(
 
 def test_oracle_c_index_nan_without_comparable_pairs() -> None:
     time_ = np.array([3.0, 5.0, 8.0])
-    assert np.isnan(twin._oracle_c(time_, np.zeros(3, np.int64), np.array([0.1, 0.2, 0.3])))
-    assert np.isnan(twin._oracle_c(time_[:1], np.ones(1, np.int64), np.array([0.1])))
-    assert twin._oracle_c(time_, np.array([1, 0, 1]), np.array([0.3, 0.2, 0.1])) == 1.0
+    assert np.isnan(outcomes._oracle_c(time_, np.zeros(3, np.int64), np.array([0.1, 0.2, 0.3])))
+    assert np.isnan(outcomes._oracle_c(time_[:1], np.ones(1, np.int64), np.array([0.1])))
+    assert outcomes._oracle_c(time_, np.array([1, 0, 1]), np.array([0.3, 0.2, 0.1])) == 1.0
 
 
 @pytest.mark.parametrize("task", ["pe", "mace"])
@@ -419,11 +429,11 @@ def test_hazard_parts_use_only_visible_factors(task: str) -> None:
     base["age"] = 60 + 10 * base["age"]
     for k in ("male", "cancer", "chronic_lung_disease", "diabetes", "hypertension", "smoking"):
         base[k] = (base[k] > 0).astype(float)
-    image0, ehr0, core0, mod0 = twin._raw_parts(task, base)
+    image0, ehr0, core0, mod0 = factors._raw_parts(task, base)
     moves = {"image": set(), "ehr": set(), "core": set(), "modifier": set()}
     for k in twin.FACTOR_COLUMNS:
         moved = {**base, k: base[k] + 1.0}
-        parts = twin._raw_parts(task, moved)
+        parts = factors._raw_parts(task, moved)
         for name, before, after in zip(moves, (image0, ehr0, core0, mod0), parts, strict=True):
             if not np.allclose(before, after):
                 moves[name].add(k)
@@ -516,7 +526,7 @@ def test_clot_burden_grows_emboli() -> None:
         volumes[clot] = [
             int(
                 (
-                    twin._render(np.random.default_rng([s]), {**job, "clot_burden": clot})[1] == 1
+                    phantom._render(np.random.default_rng([s]), {**job, "clot_burden": clot})[1] == 1
                 ).sum()
             )
             for s in range(12)
@@ -527,13 +537,13 @@ def test_clot_burden_grows_emboli() -> None:
 def test_emboli_spread_with_clot_burden() -> None:
     """Low burden: a few peripheral clots; high burden: clots in most lobar arteries, long and
     near-occlusive, central clots and usually a saddle embolus on the bifurcation."""
-    segments = twin._pulmonary_arteries(1.0, 0.0)
+    segments = phantom._pulmonary_arteries(1.0, 0.0)
     bifurcation = segments["right_main"][0]
 
     def summary(clot: float) -> tuple[float, float, float]:
         n, fill, saddle = [], [], []
         for s in range(60):
-            emboli = twin._emboli(np.random.default_rng(s), clot, segments)
+            emboli = phantom._emboli(np.random.default_rng(s), clot, segments)
             n.append(len(emboli))
             lobar = {k: v[2] for k, v in segments.items() if k.endswith("lower")}
             fill.append(max(r / lobar["right_lower"] for _, _, r, _ in emboli))
@@ -583,12 +593,16 @@ def test_no_factor_outside_ground_truth(tiny: tuple[Path, dict]) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"profile": "huge"}, "profile must be one of paper, quick"),
+        ({"profile": "huge"}, "profile must be one of tiny, quick, paper"),
         ({"image_share": 1.5}, r"image_share must be in \[0, 1\]"),
         ({"tasks": ("pe", "stroke")}, "unknown task 'stroke'"),
         ({"n_override": {"internal": 2}}, r"n_override\['internal'\] must be an integer >= 5"),
         ({"n_override": {"site_c": 10}}, "n_override keys must be among internal, external"),
         ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"interaction": -0.1}, "interaction must be a finite number >= 0"),
+        ({"interaction": float("nan")}, "interaction must be a finite number >= 0"),
+        ({"interaction": float("inf")}, "interaction must be a finite number >= 0"),
+        ({"interaction": "strong"}, "interaction must be a finite number >= 0"),
     ],
 )
 def test_generate_rejects_bad_parameters(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -788,3 +802,116 @@ def test_factor_effects_follow_the_design() -> None:
     assert all(r["image_term"] == 0 for r in only_ehr.values())
     with pytest.raises(ValueError, match=r"image_share must be in \[0, 1\]"):
         twin.factor_effects("pe", image_share=2.0)
+    with pytest.raises(ValueError, match="interaction must be a finite number >= 0"):
+        twin.factor_effects("pe", interaction=-1.0)
+    uncoupled = twin.factor_effects("pe", interaction=0.0)
+    assert all(r["interaction"] == "" for r in uncoupled)
+    # kappa does not enter the per-unit image and EHR terms
+    terms = [(r["image_term"], r["ehr_term"]) for r in twin.factor_effects("pe")]
+    assert terms == [(r["image_term"], r["ehr_term"]) for r in uncoupled]
+
+
+# ---------------------------------------------------------------- package, profiles, settings
+
+
+def test_twin_imports_without_the_cohort_builder() -> None:
+    """The twin writes what the cohort builder reads; it must not import it (no cycle)."""
+    code = (
+        "import sys; import helpers.twin; "
+        "from helpers.twin import generate, VISIBILITY, factor_effects, GENERATOR_VERSION; "
+        "assert 'helpers.cohort' not in sys.modules, 'helpers.cohort imported'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_imaging_index_columns_shared_with_the_cohort_builder() -> None:
+    from helpers import cohort, imaging
+
+    assert cohort.IMAGING_INDEX_COLUMNS is imaging.IMAGING_INDEX_COLUMNS
+
+
+def test_profile_sizes_come_from_the_tasks_module() -> None:
+    from helpers.twin.build import _check_sizes
+
+    for name, profile in PROFILES.items():
+        assert _check_sizes(name, None) == profile.sizes
+    assert set(_check_sizes("quick", {"external": 9})["mace"].values()) >= {9}
+
+
+def test_quick_profile_raises_every_target_rate() -> None:
+    """The teaching profiles raise every institution's target to at least 0.3; paper keeps
+    the paper's rates."""
+    for task in TASKS:
+        quick = outcomes._target_rates(task, PROFILES["quick"].min_event_rate)
+        assert set(quick) == set(twin.INSTITUTIONS)
+        assert all(rate >= 0.3 for rate in quick.values()), (task, quick)
+        paper = outcomes._target_rates(task, PROFILES["paper"].min_event_rate)
+        assert paper == factors._SPECS[task].target_rate
+        assert all(quick[i] == max(paper[i], 0.3) for i in paper)
+
+
+def test_quick_twin_reaches_its_raised_event_rates(tmp_path: Path) -> None:
+    """Written at profile quick, every institution's recorded event fraction is near its
+    target (>= 0.3), and twin.json records the targets, the paper's rates and the floor."""
+    summary = twin.generate(
+        tmp_path,
+        profile="quick",
+        seed=4,
+        n_override={"internal": 1500, "external": 800},
+        images=False,
+    )
+    for task in TASKS:
+        info = summary["tasks"][task]
+        assert info["parameters"]["min_event_rate"] == PROFILES["quick"].min_event_rate
+        rates = _observed_rates(tmp_path, task)
+        paper = factors._SPECS[task].target_rate
+        for inst, (site, _, _) in twin.INSTITUTIONS.items():
+            r = info["event_rates"][site]
+            assert r["target_event_fraction"] >= 0.3
+            assert r["target_event_fraction"] == max(paper[inst], 0.3)
+            assert r["paper_event_fraction"] == paper[inst]
+            assert abs(rates[site] - r["target_event_fraction"]) < 0.05, (task, site, rates[site])
+        on_disk = json.loads((tmp_path / task / "twin.json").read_text())
+        assert on_disk["event_rates"] == info["event_rates"]
+
+
+def test_interaction_scales_the_interaction_part(tmp_path: Path) -> None:
+    """``interaction`` (kappa) is recorded in twin.json and scales only the interaction part:
+    at 0 it vanishes, doubled it doubles; the default is DEFAULT_INTERACTION."""
+    size = {"internal": 300, "external": 40}
+    parts = {}
+    for kappa in (0.0, DEFAULT_INTERACTION, 2 * DEFAULT_INTERACTION):
+        kwargs = {} if kappa == DEFAULT_INTERACTION else {"interaction": kappa}
+        out = tmp_path / str(kappa)
+        info = twin.generate(
+            out, profile="paper", seed=2, n_override=size, images=False, tasks=("pe",), **kwargs
+        )
+        assert info["tasks"]["pe"]["parameters"]["interaction"] == kappa
+        parts[kappa] = pd.read_parquet(out / "pe" / "ground_truth" / "factors.parquet")
+    base = parts[DEFAULT_INTERACTION]
+    assert base["interaction_part"].std() > 0.1
+    np.testing.assert_allclose(parts[0.0]["interaction_part"], 0.0)
+    np.testing.assert_allclose(
+        parts[2 * DEFAULT_INTERACTION]["interaction_part"], 2 * base["interaction_part"], atol=1e-12
+    )
+    for kappa, f in parts.items():
+        for col in ("image_part", "ehr_part", *twin.FACTOR_COLUMNS):
+            np.testing.assert_allclose(f[col], base[col], atol=1e-12, err_msg=(kappa, col))
+
+
+def test_twin_command_takes_profiles_and_interaction(tmp_path: Path) -> None:
+    from helpers.__main__ import main
+
+    assert main(["twin", "--out", str(tmp_path), "--interaction", "-1"]) == 2
+    assert not (tmp_path / "pe").exists()
+    with pytest.raises(SystemExit):
+        main(["twin", "--out", str(tmp_path), "--profile", "huge"])
+    argv = ["--profile", "tiny", "--tasks", "pe", "--interaction", "0.5"]
+    assert main(["twin", "--out", str(tmp_path), *argv]) == 0
+    info = json.loads((tmp_path / "pe" / "twin.json").read_text())
+    assert info["parameters"]["profile"] == "tiny" and info["parameters"]["interaction"] == 0.5
+    assert info["parameters"]["sizes"] == PROFILES["tiny"].sizes["pe"]

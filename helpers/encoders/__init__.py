@@ -26,6 +26,7 @@ from helpers.encoders.image import (
     VolumeDataset,
     encode_volumes,
     image_encoder,
+    slice_cache_dir,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
+    "slice_cache_dir",
 ]

@@ -49,6 +49,7 @@ __all__ = [
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
+    "slice_cache_dir",
 ]
 
 IMAGE_ENCODERS: tuple[str, ...] = ("randconv", "ct_mae", "hf", "medimageinsight")
@@ -190,25 +191,98 @@ def _square_fov(slices: np.ndarray, dy: float, dx: float, fov_mm: float) -> np.n
     return out
 
 
+def slice_cache_dir(run_root: str | os.PathLike, task: str) -> Path:
+    """Where the encoders and the pretraining of ``task`` share preprocessed slices (see
+    ``VolumeDataset``): ``<run_root>/embeddings/<task>/slices``. Safe to delete at any time."""
+    return Path(run_root) / "embeddings" / task / "slices"
+
+
+def _preprocessing_key(preprocess: SlicePreprocess) -> str:
+    """What preprocessed slices depend on besides the volume: the preprocessing parameters and
+    the code and libraries that compute them (a change to any gives a new cache folder)."""
+    import inspect
+    import sys
+
+    import helpers.imaging
+
+    code = "".join(inspect.getsource(obj) for obj in (helpers.imaging, SlicePreprocess, _square_fov))
+    blob = json.dumps({"preprocessing": preprocess.describe(), "code": hashlib.sha256(code.encode()).hexdigest(),
+                       "torch": torch.__version__, "numpy": np.__version__,
+                       "nibabel": getattr(sys.modules.get("nibabel"), "__version__", None),
+                       "pydicom": getattr(sys.modules.get("pydicom"), "__version__", None)},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _volume_signature(path: str) -> str:
+    """The volume file (or DICOM folder) as it is now: absolute path, sizes and modification
+    times, so that a rewritten volume is preprocessed again."""
+    p = Path(path).absolute()
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    parts = [str(p)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
 class VolumeDataset(Dataset):
     """Items are ``(index, slices)`` with slices from ``preprocess`` of the volume at
-    ``paths[index]``. Errors name the study and the file. Holds only lists and a frozen
-    dataclass, so it pickles into DataLoader workers (fork or spawn)."""
+    ``paths[index]``. Errors name the study and the file. Holds only lists, strings and a
+    frozen dataclass, so it pickles into DataLoader workers (fork or spawn).
 
-    def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess) -> None:
+    ``cache_dir``: if given, each volume's slices are kept there once preprocessed (one
+    float32 ``.npy`` per volume, in a subfolder keyed by the preprocessing, its code and
+    libraries; the file is keyed by the volume's path, sizes and modification times), and a
+    later dataset with the same preprocessing reads them instead of decoding the volume again:
+    the same numbers. The encoders and the pretraining of a task share
+    ``slice_cache_dir(run_root, task)``. Files are written atomically, so datasets in several
+    processes may share the folder.
+    """
+
+    def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess, *,
+                 cache_dir: str | os.PathLike | None = None) -> None:
         if len(study_ids) != len(paths):
             raise ValueError(f"Dimension mismatch: 'paths' has {len(paths)} entries but 'study_ids' has {len(study_ids)}")
         self.study_ids, self.paths, self.preprocess = list(study_ids), list(paths), preprocess
+        self.cache_dir = None
+        if cache_dir is not None:
+            try:
+                self.cache_dir = str(Path(cache_dir) / _preprocessing_key(preprocess))
+            except (OSError, TypeError):  # no source code to key the cache on: decode every volume
+                pass
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        cached = None
         try:
+            if self.cache_dir is not None:
+                cached = Path(self.cache_dir) / f"{_volume_signature(self.paths[index])}.npy"
+                slices = self._read_cached(cached)
+                if slices is not None:
+                    return index, slices
             volume = load_volume(self.paths[index])
         except Exception as err:
             raise RuntimeError(f"study {self.study_ids[index]}: cannot read {self.paths[index]}: {err}") from err
-        return index, self.preprocess(volume)
+        slices = self.preprocess(volume)
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, slices.numpy())
+                os.replace(tmp, cached)
+            except OSError:  # the cache only saves time: a full or read-only disk does not stop encoding
+                pass
+        return index, slices
+
+    def _read_cached(self, path: Path) -> torch.Tensor | None:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        size, n = self.preprocess.size, self.preprocess.n_slices
+        if array.dtype != np.float32 or array.shape != (n, 1, size, size):
+            return None
+        return torch.from_numpy(array)
 
 
 def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
@@ -349,7 +423,8 @@ def encode_volumes(
     tokens; tokens a list of float32 arrays (n_slices, dim), in dataset order. ``batch_size``
     counts volumes. Volumes are decoded by a DataLoader with ``num_workers`` worker processes
     (persistent when > 0; pinned memory on CUDA). On CUDA the encoder runs under bf16 autocast
-    with non-blocking transfers, and the outputs are cast back to float32.
+    with non-blocking transfers on whole batches, and the outputs are cast back to float32; on
+    the CPU it is called once per volume.
 
     ``shard_dir``: if given, every ``shard_size`` consecutive volumes form a shard whose tokens
     are written atomically to ``shard_dir/shard-<k>.npz`` once complete; a later call loads
@@ -416,7 +491,13 @@ def encode_volumes(
                     break
                 t1 = time.perf_counter()
                 sizes = [v.shape[0] for v in volumes]
-                out = encoder(torch.cat(volumes).to(torch_device, non_blocking=cuda)).float().cpu().numpy()
+                if cuda:
+                    out = encoder(torch.cat(volumes).to(torch_device, non_blocking=True)).float().cpu().numpy()
+                else:
+                    # one volume per call: the intermediate maps of 16 slices stay in the cache and
+                    # in memory the allocator reuses (2.6x faster for randconv, 1.6x for ct_mae than
+                    # a batch of 16 volumes at once; the same numbers)
+                    out = torch.cat([encoder(v) for v in volumes]).float().numpy()
                 t2 = time.perf_counter()
                 decode_s, model_s, n_slices = decode_s + t1 - t0, model_s + t2 - t1, n_slices + sum(sizes)
                 for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
