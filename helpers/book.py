@@ -147,14 +147,20 @@ def _reproducibility(generated: Path, rulegraph: str | None, n_pages: int) -> No
     ]
     if rulegraph:
         nodes, edges = parse_rulegraph(rulegraph)
+        # every rule reads its setting's manifest and ``all`` only collects: drawn, they hide the rest
+        hidden = {k for k, name in nodes.items() if name in ("manifest", "all")}
+        nodes = {k: v for k, v in nodes.items() if k not in hidden}
+        edges = [(a, b) for a, b in edges if a not in hidden and b not in hidden]
         fig = rulegraph_figure(nodes, edges)
         fig.savefig(generated / "rulegraph.svg", bbox_inches="tight")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
         lines += ["## The rule graph", "",
-                  f"The workflow's {len(nodes)} rules and their {len(edges)} dependencies (an arrow points from a rule to one",
-                  "that reads its output); each training run, task and setting is one job of these rules.", "",
+                  "The workflow's rules and their dependencies: an arrow points from a rule to one that reads",
+                  "its output. Every rule also reads its setting's manifest (rule `manifest`), and rule `all`",
+                  "asks for the book. Each notebook run (a task, a training run, a setting) is one job of",
+                  "these rules.", "",
                   "![The workflow's rule graph](rulegraph.svg)", ""]
     (generated / "reproducibility.md").write_text("\n".join(lines) + "\n")
 
@@ -197,8 +203,10 @@ def rulegraph_figure(nodes: dict[str, str], edges: list[tuple[str, str]]):
         for k, n in enumerate(members):
             pos[n] = ((k + 0.5) * width / len(members), -d)
     for a, b in edges:
+        skip = depth[b] - depth[a] > 1  # an edge past a layer bends, so that it is not hidden behind the chain
         ax.annotate("", xy=pos[b], xytext=pos[a],
-                    arrowprops={"arrowstyle": "-|>", "color": "0.45", "lw": 1.0, "shrinkA": 12, "shrinkB": 12})
+                    arrowprops={"arrowstyle": "-|>", "color": "0.45", "lw": 1.0, "shrinkA": 12, "shrinkB": 12,
+                                "connectionstyle": f"arc3,rad={0.25 + 0.05 * (depth[b] - depth[a]) if skip else 0}"})
     for n, (x, y) in pos.items():
         ax.text(x, y, nodes[n], ha="center", va="center", fontsize=9,
                 bbox={"boxstyle": "round,pad=0.4", "fc": "#e8f0fe", "ec": "#3367d6"})

@@ -11,7 +11,6 @@ encoder, its checkpoint hash and its preprocessing in the table's metadata. A ``
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from helpers.manifest import (
 )
 from helpers.tasks import check_choice, get_task
 
-__all__ = ["Extraction", "encoder_spec", "checkpoint_for", "extract", "meds_dir", "ensure_meds"]
+__all__ = ["Extraction", "encoder_spec", "checkpoint_for", "extract", "meds_dir", "require_meds"]
 
 MODALITIES = ("image", "ehr")
 
@@ -99,41 +98,26 @@ def meds_dir(manifest: Manifest, task: str) -> Path:
     return manifest.run_root / "meds" / task
 
 
-def _omop_signature(tables: Path) -> list[str]:
-    files = [tables] if tables.is_file() else sorted(tables.glob("*.parquet"))
-    return [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-
-
-def ensure_meds(manifest: Manifest, task: str) -> Path:
-    """Export the task's OMOP records to MEDS (once: the export is redone only when the OMOP
-    files change). Returns the MEDS folder."""
-    from helpers.meds import omop_to_meds, write_meds
-
-    tables, _, _ = hc.imaging_source(manifest, task)
-    out = meds_dir(manifest, task)
-    stamp = out.with_name(f"{out.name}.json")
-    signature = _omop_signature(Path(tables))
-    if out.is_dir() and stamp.is_file() and json.loads(stamp.read_text()).get("omop") == signature:
-        return out
-    con = hc.connect_omop(tables)
-    try:
-        events = omop_to_meds(con)
-    finally:
-        con.close()
-    write_meds(events, out, dataset_name=f"{task} ({manifest.data.source})")
-    stamp.write_text(json.dumps({"omop": signature}))
-    return out
+def require_meds(manifest: Manifest, task: str) -> Path:
+    """The task's MEDS export (``meds_dir``), written by the cohort step when the manifest has
+    an EHR encoder that reads MEDS (``helpers.cohort.MEDS_KINDS``). A folder without
+    ``data/*.parquet`` (what ``helpers.meds.read_meds`` reads) is refused with an error that
+    names it and says how to write it."""
+    folder = meds_dir(manifest, task)
+    if not any((folder / "data").rglob("*.parquet")):
+        cohort = hc.cohort_paths(manifest, task)["cohort"]
+        state = "has no data/*.parquet" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"task {task!r}: no MEDS export at {folder} (the folder {state}); it is written by the cohort step "
+            f"when the manifest declares an EHR encoder of kind clmbr_mini or clmbr: run notebooks/01_cohort.ipynb "
+            f"for this task, or `snakemake {cohort}`"
+        )
+    return folder
 
 
 def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, paths: dict, *,
            device: str, batch_size: int, num_workers: int, progress: Callable | None) -> tuple:
-    from helpers.encoders import (
-        SlicePreprocess,
-        VolumeDataset,
-        encode_volumes,
-        image_encoder,
-        slice_cache_dir,
-    )
+    from helpers.encoders import SlicePreprocess, VolumeDataset, encode_volumes, image_encoder
 
     checkpoint, sha = checkpoint_for(manifest, task, name, spec)
     model = image_encoder(name, spec, default_checkpoint=checkpoint)
@@ -143,13 +127,10 @@ def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: 
         raise EmbeddingError(f"{paths['imaging']}: {len(missing)} cohort studies have no image, e.g. {', '.join(missing[:5])}")
     imaging = imaging.loc[cohort["study_id"]]
     preprocess = SlicePreprocess(window_hu=get_task(task).window_hu, size=model.input_size)
-    # the task's other image encoders and the ct_mae pretraining read the same preprocessed slices
-    dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess,
-                            cache_dir=slice_cache_dir(manifest.run_root, task))
+    dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess)
     stats: dict = {}
-    shard_dir = embedding_path(manifest.run_root, task, "image", name).with_suffix(".shards")
     embedding, tokens = encode_volumes(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
-                                       progress=progress, shard_dir=shard_dir, stats=stats)
+                                       progress=progress, stats=stats)
     metadata = {"encoder": name, "kind": spec.kind, "modality": "image", "checkpoint": str(checkpoint) if checkpoint else None,
                 "checkpoint_sha256": sha, "model": model.describe(), "preprocessing": preprocess.describe(), "frozen": True}
     return list(cohort["study_id"]), embedding, tokens, metadata, stats
@@ -173,8 +154,11 @@ def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd
                     "unusable_measurements": int(onehot.unusable_measurements["rows"].sum())
                     if len(onehot.unusable_measurements) else 0}
         return list(onehot.features["study_id"]), onehot.features[names].to_numpy(), None, metadata, {}
+    if spec.kind not in hc.MEDS_KINDS:
+        raise ManifestError(f"{manifest.path}: encoders.ehr.{name}: kind {spec.kind!r} is not an EHR encoder "
+                            "(expected builtin, clmbr_mini, clmbr or table)")
     checkpoint, sha = checkpoint_for(manifest, task, name, spec)
-    folder = ensure_meds(manifest, task)
+    folder = require_meds(manifest, task)
     if spec.kind == "clmbr_mini":
         from helpers.encoders.clmbr_mini import ClmbrMiniEncoder
         from helpers.meds import read_meds
@@ -185,10 +169,7 @@ def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd
         metadata = {"encoder": name, "kind": spec.kind, "modality": "ehr", "checkpoint": str(checkpoint),
                     "checkpoint_sha256": sha, "model": encoder.describe(), "frozen": True}
         return list(cohort["study_id"]), embedding, None, metadata, stats
-    if spec.kind == "clmbr":
-        return _clmbr_femr(manifest, task, name, spec, cohort, folder, checkpoint, sha, device=device)
-    raise ManifestError(f"{manifest.path}: encoders.ehr.{name}: kind {spec.kind!r} is not an EHR encoder "
-                        "(expected builtin, clmbr_mini, clmbr or table)")
+    return _clmbr_femr(manifest, task, name, spec, cohort, folder, checkpoint, sha, device=device)
 
 
 def _clmbr_femr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, folder: Path,
@@ -251,8 +232,5 @@ def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: 
     metadata["cohort_sha256"] = sha256_path(paths["cohort"])
     out = write_embeddings(embedding_path(manifest.run_root, task, modality, name), ids, np.asarray(embedding),
                            tokens=tokens, metadata=metadata)
-    shards = out.with_suffix(".shards")
-    if shards.is_dir():  # the table is complete: the resume shards only duplicate it
-        shutil.rmtree(shards)
     return Extraction(out, modality, name, spec.kind, len(ids), int(np.asarray(embedding).shape[1]), seconds,
                       metadata, stats)

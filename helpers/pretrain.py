@@ -21,7 +21,7 @@ from collections.abc import Callable
 import pandas as pd
 
 from helpers import cohort as hc
-from helpers.extract import encoder_spec, ensure_meds
+from helpers.extract import encoder_spec, require_meds
 from helpers.manifest import PRETRAINED_KINDS, Manifest, ManifestError, default_checkpoint
 from helpers.tasks import get_task
 
@@ -52,16 +52,16 @@ def resolve_name(manifest: Manifest, name: str) -> tuple[str, str]:
                         f"(declared: {', '.join(declared) or 'none'})")
 
 
-# Shorter pretraining on the quick twin (tests, workshops): a quarter to a third of the optimiser
-# steps of the defaults, which take 2 to 3 minutes per task on one core. Settings in the
-# manifest entry's ``pretrain`` replace these.
+# Shorter pretraining on the tiny and quick twins (tests, workshops): a quarter to a third of the
+# optimiser steps of the defaults, which take 2 to 3 minutes per task on one core. Settings in
+# the manifest entry's ``pretrain`` replace these.
 QUICK_PRETRAIN: dict[str, dict] = {"ct_mae": {"epochs": 3}, "clmbr_mini": {"target_steps": 80}}
 
 
 def _config(manifest: Manifest, modality: str, name: str, entry):
-    """The model's pretraining configuration: its defaults (``QUICK_PRETRAIN`` on the quick
-    twin), updated by the manifest entry's ``pretrain`` settings (an unknown setting is named
-    in the error)."""
+    """The model's pretraining configuration: its defaults (``QUICK_PRETRAIN`` on the tiny and
+    quick twins), updated by the manifest entry's ``pretrain`` settings (an unknown setting is
+    named in the error)."""
     import dataclasses
 
     if entry.kind == "ct_mae":
@@ -73,7 +73,7 @@ def _config(manifest: Manifest, modality: str, name: str, entry):
     if unknown:
         raise ManifestError(f"{manifest.path}: encoders.{modality}.{name}.pretrain: unknown setting(s) {', '.join(unknown)}; "
                             f"expected some of {', '.join(sorted(known))}")
-    quick = manifest.data.source == "synthetic" and manifest.synthetic.profile == "quick"
+    quick = manifest.data.source == "synthetic" and manifest.synthetic.profile in ("tiny", "quick")
     settings = {**(QUICK_PRETRAIN[entry.kind] if quick else {}), **entry.pretrain}
     try:
         return config_class(**settings)
@@ -99,19 +99,18 @@ def pretrain(manifest: Manifest, task: str, name: str, *, config=None, progress:
     out = default_checkpoint(manifest, task, name)
     studies = pretraining_studies(manifest, task)
     if entry.kind == "ct_mae":
-        from helpers.encoders import SlicePreprocess, VolumeDataset, slice_cache_dir
+        from helpers.encoders import SlicePreprocess, VolumeDataset
         from helpers.encoders.ct_mae import pretrain_ct_mae
 
         paths = hc.cohort_paths(manifest, task)
         imaging = pd.read_parquet(paths["imaging"]).set_index("study_id").loc[studies["study_id"]]
         preprocess = SlicePreprocess(window_hu=spec.window_hu, n_slices=16, size=config.image_size)
-        dataset = VolumeDataset(list(studies["study_id"]), list(imaging["image_path"]), preprocess,
-                                cache_dir=slice_cache_dir(manifest.run_root, task))
+        dataset = VolumeDataset(list(studies["study_id"]), list(imaging["image_path"]), preprocess)
         return pretrain_ct_mae(dataset, out, config=config, progress=progress)
     from helpers.encoders.clmbr_mini import pretrain_clmbr_mini
     from helpers.meds import cohort_subject_ids, read_meds
 
-    events = read_meds(ensure_meds(manifest, task))
+    events = read_meds(require_meds(manifest, task))
     persons = studies.drop_duplicates("person_id")
     train = cohort_subject_ids(persons[persons["split"] == "train"])
     val = cohort_subject_ids(persons[persons["split"] == "val"])

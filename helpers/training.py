@@ -175,19 +175,22 @@ def _check(name: str, data: Arrays, model: SurvivalModel) -> None:
         )
 
 
-def _align(model: SurvivalModel, train: dict, val: dict, n_train: int, n_val: int, config: TrainConfig,
+def _align(model: SurvivalModel, train: Prepared, val: Prepared, config: TrainConfig,
            rng: np.random.Generator) -> pd.DataFrame:
     """Step 1 of ``contrastive``: fit the projection heads (and tau) with the symmetric
     InfoNCE on random batches of training studies with both modalities; keep the epoch with
-    the lowest validation InfoNCE. The model stays in eval mode (no modality dropout)."""
+    the lowest validation InfoNCE. ``train`` and ``val`` are the splits as ``model.prepare``
+    gives them (standardised once). The model stays in eval mode (no modality dropout)."""
     params = model.projection_parameters()
     named = [(n, p) for n, p in model.named_parameters() if n.startswith(("proj_img", "proj_ehr"))]
-    optimiser = torch.optim.Adam(params, lr=config.lr)
-    keep = torch.nonzero(_present(train, n_train)).squeeze(1).numpy()
-    v_keep = torch.nonzero(_present(val, n_val)).squeeze(1)
+    optimiser = Adam(params, lr=config.lr)
+    both = lambda p: _present({"img_missing": p.img_missing, "ehr_missing": p.ehr_missing}, len(p))  # noqa: E731
+    keep = torch.nonzero(both(train)).squeeze(1).numpy()
+    v_keep = torch.nonzero(both(val)).squeeze(1)
     if len(keep) < 2 or len(v_keep) < 2:
         raise ValueError(f"contrastive alignment needs >= 2 studies with both modalities in train and val, got {len(keep)} and {len(v_keep)}")
-    val_rows = _rows(val, v_keep)
+    val_rows = val.rows(v_keep)
+    project = lambda p: model._project(p, *model._masks(p))  # noqa: E731  (rows with both modalities)
     model.eval()
     state = lambda: {k: v.detach().clone() for k, v in model.state_dict().items()}  # noqa: E731
     best, rows = (np.inf, 0, state()), []
@@ -198,15 +201,14 @@ def _align(model: SurvivalModel, train: dict, val: dict, n_train: int, n_val: in
             batch = order[start:start + config.batch_size]
             if len(batch) < 2:
                 continue
-            b = _rows(train, torch.as_tensor(batch.astype(np.int64)))
-            u_img, u_ehr = model.project(b["img"], b["ehr"])
+            u_img, u_ehr = project(train.rows(torch.as_tensor(batch.astype(np.int64))))
             loss = info_nce(u_img, u_ehr, model.temperature) + config.l2 * _l2(named)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
         with torch.no_grad():
-            v_img, v_ehr = model.project(val_rows["img"], val_rows["ehr"])
+            v_img, v_ehr = project(val_rows)
             v_loss = float(info_nce(v_img, v_ehr, model.temperature))
             v_acc = retrieval_accuracy(v_img, v_ehr)
         rows.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": v_loss,
@@ -245,16 +247,16 @@ def fit(fusion: str, train: Arrays, val: Arrays, *, config: TrainConfig, seed: i
     )
     model.fit_time_scale(t_time, t_event)
     start = _time.perf_counter()
-    alignment = None
-    if fusion == "contrastive":
-        alignment = _align(model, t_in, v_in, len(train), len(val), config, rng)
-        if not config.finetune_projection:
-            for p in model.projection_parameters():
-                p.requires_grad_(False)
     # every split is standardised once (kept columns only), not at every batch
     with torch.no_grad():
         t_prep, v_prep = _prepare(model, t_in), _prepare(model, v_in)
     del t_in, v_in
+    alignment = None
+    if fusion == "contrastive":
+        alignment = _align(model, t_prep, v_prep, config, rng)
+        if not config.finetune_projection:
+            for p in model.projection_parameters():
+                p.requires_grad_(False)
     # the same arithmetic as torch.optim.Adam, without its one-off import of torch._dynamo
     optimiser = Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     best = (np.inf, 0, {k: v.clone() for k, v in model.state_dict().items()})

@@ -10,6 +10,11 @@ from helpers import compare
 from helpers.metrics import holm
 
 
+def _params(folder, task, repr_, fusion, seed):
+    """The run format's params.json (what collect_runs identifies a run by)."""
+    (folder / "params.json").write_text(json.dumps({"task": task, "ehr_repr": repr_, "fusion": fusion, "seed": seed}))
+
+
 def _fake_runs(tmp_path, n=300):
     rng = np.random.default_rng(0)
     truth = rng.normal(size=n)
@@ -25,6 +30,7 @@ def _fake_runs(tmp_path, n=300):
         folder = tmp_path / "runs" / "pe" / repr_ / fusion / "seed-0"
         folder.mkdir(parents=True)
         pd.DataFrame({"study_id": ids, "split": split, "risk": risk}).to_parquet(folder / "predictions.parquet")
+        _params(folder, "pe", repr_, fusion, 0)
         (folder / "metrics.json").write_text(json.dumps({}))
     # an incomplete run (no metrics.json) is not collected
     (tmp_path / "runs" / "pe" / "onehot" / "broken" / "seed-0").mkdir(parents=True)
@@ -72,12 +78,13 @@ def _fake_study(tmp_path, task="pe", n=360, seeds=(0,), fusions=("image_only", "
             repr_ = "none" if fusion == "image_only" else "onehot"
             folder = tmp_path / "runs" / task / repr_ / fusion / f"seed-{seed}"
             folder.mkdir(parents=True)
-            from helpers.survival import BreslowBaseline
+            from helpers.metrics import BreslowBaseline
 
             train = split == "train"
             baseline = BreslowBaseline(risk[train], time[train], event[train])
             pd.DataFrame({"study_id": ids, "split": split, "risk": risk,
                           "survival_365d": baseline.survival(risk, 365)}).to_parquet(folder / "predictions.parquet")
+            _params(folder, task, repr_, fusion, seed)
             (folder / "metrics.json").write_text("{}")
     return cohort, pd.Series(truth, index=ids)
 
@@ -107,13 +114,15 @@ def test_score_extended_metrics_are_sane(tmp_path):
     ext = compare.score_extended(runs, cohort, horizon=365, n_boot=20, oracle=oracle)
     assert len(ext) == 6 and set(ext["cohort"]) == {"Internal", "External"}
     for name, column in (("uno", "uno_c"), ("auc", "auc"), ("ibs", "ibs")):
-        models = ext[ext.fusion != "oracle"]
+        models = ext[ext.model != compare.ORACLE]
         assert ((models[f"{name}_lower"] <= models[column]) & (models[column] <= models[f"{name}_upper"])).all()
     good = ext[(ext.fusion == "contrastive") & (ext.cohort == "Internal")].iloc[0]
     poor = ext[(ext.fusion == "image_only") & (ext.cohort == "Internal")].iloc[0]
     assert good["auc"] > poor["auc"] and good["ibs"] < poor["ibs"] and 0 < good["brier"] < 0.25
     assert 0.6 < good["calibration_slope"] < 1.6
-    assert ext.loc[ext.fusion == "oracle", "ibs"].isna().all() and ext.loc[ext.fusion == "oracle", "uno_c"].notna().all()
+    oracle_rows = ext[ext.model == compare.ORACLE]
+    assert oracle_rows["ibs"].isna().all() and oracle_rows["uno_c"].notna().all()
+    assert oracle_rows["fusion"].isna().all() and oracle_rows["seed"].isna().all(), "the oracle is no strategy"
     calib = compare.calibration_table(compare.read_predictions(runs)[("onehot", "contrastive", 0)], cohort, horizon=365)
     assert list(calib["group"][:10]) == list(range(1, 11)) and calib["n"].sum() == 240
 
@@ -145,7 +154,7 @@ def test_table1_paper_layout_markers_and_order(tmp_path):
                 scores_row("Image only", "none", "image_only", cohort, 0.74 + shift),
                 scores_row("Contrastive learning (one-hot)", "onehot", "contrastive", cohort, 0.83 + shift, 0.001, 0.03),
                 scores_row("EHR only (one-hot)", "onehot", "ehr_only", cohort, 0.70 + shift, 0.2, 0.04),
-                scores_row(compare.ORACLE, "oracle", "oracle", cohort, 0.95),
+                scores_row(compare.ORACLE, None, None, cohort, 0.95),
             ]
         by_task[task] = pd.DataFrame(rows)
     table = compare.table1_paper(by_task)
@@ -206,3 +215,43 @@ def test_external_censoring_is_the_external_cohorts_own(tmp_path):
     train = cohort[cohort["split"] == "train"]
     assert row["uno_c"] != pytest.approx(own(train_time=train["time"], train_event=train["event"]), abs=1e-6)
     assert (ext.loc[ext.cohort == "Internal", "censoring_from"] == "internal train split").all()
+
+
+def test_collect_runs_reads_params_and_refuses_a_misplaced_run(tmp_path):
+    from helpers.runs import RunFormatError
+
+    _fake_runs(tmp_path)
+    runs = compare.collect_runs(tmp_path / "runs", "pe")
+    assert set(zip(runs["ehr_repr"], runs["fusion"], strict=True)) == {
+        ("none", "image_only"), ("onehot", "ehr_only"), ("onehot", "concat")}
+    moved = tmp_path / "runs" / "pe" / "onehot" / "concat" / "seed-0"
+    _params(moved, "pe", "clmbr", "concat", 0)
+    with pytest.raises(RunFormatError, match=r"describes run clmbr/concat/seed-0, which belongs in .*clmbr/concat/seed-0"):
+        compare.collect_runs(tmp_path / "runs", "pe")
+    (moved / "params.json").unlink()
+    with pytest.raises(RunFormatError, match=r"params.json: missing"):
+        compare.collect_runs(tmp_path / "runs", "pe")
+
+
+def test_run_spec_checks_names_and_inputs(tmp_path):
+    from helpers.runs import RunFormatError, RunSpec
+    from helpers.tasks import ParameterError
+
+    common = {"task": "pe", "seed": 0, "cohort_path": tmp_path / "c.parquet", "output_dir": tmp_path / "run"}
+    spec = RunSpec(ehr_repr="none", fusion="image_only", image_embeddings=tmp_path / "i.parquet", ehr_embeddings=None,
+                   **common)
+    assert spec.key == ("none", "image_only", 0)
+    with pytest.raises(RunFormatError, match="fusion 'concat' needs ehr_repr one of onehot, clmbr"):
+        RunSpec(ehr_repr="none", fusion="concat", image_embeddings=tmp_path / "i", ehr_embeddings=tmp_path / "e", **common)
+    with pytest.raises(RunFormatError, match="parameter 'ehr_embeddings': fusion 'ehr_only' needs it"):
+        RunSpec(ehr_repr="onehot", fusion="ehr_only", image_embeddings=None, ehr_embeddings=None, **common)
+    with pytest.raises(ParameterError, match="parameter 'fusion': unknown value 'late'"):
+        RunSpec(ehr_repr="onehot", fusion="late", image_embeddings=None, ehr_embeddings=None, **common)
+
+
+def test_scoring_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, helpers.compare, helpers.runs, helpers.metrics; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

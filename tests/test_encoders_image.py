@@ -1,6 +1,6 @@
 """Image encoders: the common interface, the transformers and MedImageInsight adapters, the
-CT MAE (pretraining, checkpoint, frozen encoder, reconstruction) and sharded, resumable
-encoding. Every model is built from a tiny config and saved to ``tmp_path``; nothing is
+CT MAE (pretraining, checkpoint, frozen encoder, reconstruction) and the encoding of a list
+of volumes. Every model is built from a tiny config and saved to ``tmp_path``; nothing is
 downloaded."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -289,71 +288,33 @@ def test_ct_mae_reconstruction(mae_checkpoint):
 # ---------------------------------------------------------------- encode_volumes
 
 
-class _Failing(torch.utils.data.Dataset):
-    """A VolumeDataset that raises on the ``fail_at``-th item it is asked for (an
-    interruption) and counts the items it served."""
-
-    def __init__(self, inner: VolumeDataset, fail_at: int | None = None):
-        self.inner, self.fail_at, self.served = inner, fail_at, []
-        self.study_ids, self.preprocess = inner.study_ids, inner.preprocess
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, index):
-        if self.fail_at is not None and len(self.served) == self.fail_at:
-            raise RuntimeError("interrupted")
-        self.served.append(index)
-        return self.inner[index]
-
-
-def test_encode_volumes_resumes_from_shards(tmp_path):
+def test_encode_volumes_gives_tokens_in_dataset_order(tmp_path):
     dataset = _volumes(tmp_path, 7)
     enc = image_encoder("randconv")
-    reference, ref_tokens = encode_volumes(enc, dataset, batch_size=2)
-    assert reference.shape == (7, enc.dim) and all(t.shape == (4, enc.dim) for t in ref_tokens)
-    np.testing.assert_allclose(reference, np.stack([t.mean(axis=0) for t in ref_tokens]))
-
-    shards = tmp_path / "shards"
-    with pytest.raises(RuntimeError, match="interrupted"):
-        encode_volumes(enc, _Failing(dataset, fail_at=5), batch_size=2, shard_dir=shards, shard_size=2)
-    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.npz", "shard-00001.npz"]
-
     stats: dict = {}
     seen: list[int] = []
-    resumed = _Failing(dataset)
-    embedding, tokens = encode_volumes(enc, resumed, batch_size=2, shard_dir=shards, shard_size=2, stats=stats,
-                                       progress=seen.append)
-    np.testing.assert_array_equal(embedding, reference)
-    for a, b in zip(tokens, ref_tokens, strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert resumed.served == [4, 5, 6]
-    assert (stats["resumed_shards"], stats["computed_shards"], stats["computed_volumes"]) == (2, 2, 3)
-    assert seen[0] == 4 and seen[-1] == 7
-    assert stats["volumes_per_second"] > 0 and stats["model_seconds"] >= 0
+    reference, ref_tokens = encode_volumes(enc, dataset, batch_size=2, stats=stats, progress=seen.append)
+    assert reference.shape == (7, enc.dim) and all(t.shape == (4, enc.dim) for t in ref_tokens)
+    assert reference.dtype == np.float32 and all(t.dtype == np.float32 for t in ref_tokens)
+    np.testing.assert_allclose(reference, np.stack([t.mean(axis=0) for t in ref_tokens]))
+    assert seen == [2, 4, 6, 7]
+    assert stats["computed_volumes"] == 7 and stats["volumes_per_second"] > 0 and stats["slices_per_second"] > 0
+    assert stats["model_seconds"] >= 0 and stats["decode_seconds"] >= 0
 
-    # complete: nothing recomputed
-    again = _Failing(dataset)
-    encode_volumes(enc, again, batch_size=2, shard_dir=shards, shard_size=2, stats=stats)
-    assert again.served == [] and stats["resumed_shards"] == 4
+    # another order of the studies: the same rows, in that order
+    order = [0, 1, 3, 2, 4, 5, 6]
+    shuffled = VolumeDataset([dataset.study_ids[i] for i in order], [dataset.paths[i] for i in order],
+                             dataset.preprocess)
+    out, tokens = encode_volumes(enc, shuffled, batch_size=3)
+    np.testing.assert_array_equal(out, reference[order])
+    for i, t in zip(order, tokens, strict=True):
+        np.testing.assert_array_equal(t, ref_tokens[i])
 
-    # another study list: only shards whose study ids still match are reused
-    shuffled = VolumeDataset([dataset.study_ids[i] for i in (0, 1, 3, 2, 4, 5, 6)],
-                             [dataset.paths[i] for i in (0, 1, 3, 2, 4, 5, 6)], dataset.preprocess)
-    changed = _Failing(shuffled)
-    out, _ = encode_volumes(enc, changed, batch_size=2, shard_dir=shards, shard_size=2, stats=stats)
-    assert changed.served == [2, 3] and stats["resumed_shards"] == 3
-    np.testing.assert_array_equal(out, reference[[0, 1, 3, 2, 4, 5, 6]])
-
-    # a shorter study list: the shards past its end are removed
-    encode_volumes(enc, VolumeDataset(dataset.study_ids[:3], dataset.paths[:3], dataset.preprocess), batch_size=2,
-                   shard_dir=shards, shard_size=2)
-    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.npz", "shard-00001.npz"]
-
-    # another encoder description (seed): every shard recomputed
-    other = _Failing(dataset)
-    encode_volumes(image_encoder("randconv", seed=1), other, batch_size=2, shard_dir=shards, shard_size=2, stats=stats)
-    assert other.served == list(range(7)) and stats["resumed_shards"] == 0
+    # another encoder (seed): other numbers
+    other, _ = encode_volumes(image_encoder("randconv", seed=1), dataset, batch_size=2)
+    assert not np.allclose(other, reference)
+    with pytest.raises(ValueError, match="parameter 'dataset': no volumes to encode"):
+        encode_volumes(enc, VolumeDataset([], [], dataset.preprocess))
 
 
 def test_encode_volumes_with_workers_matches_in_process(tmp_path):
@@ -375,35 +336,6 @@ def test_encoding_one_volume_per_call_gives_the_batched_numbers(tmp_path):
     with torch.no_grad():
         together = enc(torch.cat([dataset[i][1] for i in range(5)])).numpy()
     np.testing.assert_allclose(np.concatenate(tokens), together, rtol=1e-6, atol=1e-7)
-
-
-def test_slice_cache_is_shared_and_follows_the_volume(tmp_path, monkeypatch):
-    from helpers.encoders import image as image_module
-    from helpers.encoders import slice_cache_dir
-
-    plain = _volumes(tmp_path, 3)
-    cache = slice_cache_dir(tmp_path / "run", "pe")
-    assert cache == tmp_path / "run" / "embeddings" / "pe" / "slices"
-    first = VolumeDataset(plain.study_ids, plain.paths, plain.preprocess, cache_dir=cache)
-    expected = [plain[i][1] for i in range(3)]
-    for i in range(3):
-        assert torch.equal(first[i][1], expected[i])
-    files = sorted(cache.rglob("*.npy"))
-    assert len(files) == 3 and not list(cache.rglob(".*"))
-    # another dataset with the same preprocessing reads the slices instead of the volumes
-    monkeypatch.setattr(image_module, "load_volume", lambda path: (_ for _ in ()).throw(AssertionError(path)))
-    second = VolumeDataset(plain.study_ids, plain.paths, plain.preprocess, cache_dir=cache)
-    assert all(torch.equal(second[i][1], expected[i]) for i in range(3))
-    monkeypatch.undo()
-    # another preprocessing has its own folder; a rewritten volume is preprocessed again
-    other = SlicePreprocess(window_hu=(-1350.0, 150.0), n_slices=4, size=32)
-    VolumeDataset(plain.study_ids[:1], plain.paths[:1], other, cache_dir=cache)[0]
-    assert len(list(cache.iterdir())) == 2
-    hu = np.full((12, 40, 40), 300.0, dtype=np.float32)
-    write_nifti(Volume(hu, (5.0, 1.0, 1.0)), plain.paths[0])
-    os.utime(plain.paths[0], ns=(1, 1))
-    fresh = first[0][1]
-    assert torch.equal(fresh, plain[0][1]) and not torch.equal(fresh, expected[0])
 
 
 def test_dicom_pixels_read_directly_equal_pydicoms(tmp_path, monkeypatch):

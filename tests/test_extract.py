@@ -1,5 +1,5 @@
-"""Encoder entries of the manifest, extraction dispatch, bring-your-own tables, probes and the
-grid's encoder nodes."""
+"""Encoder entries of the manifest, extraction dispatch, bring-your-own tables, the MEDS export
+that the cohort step writes, the pretraining settings per twin profile, and probes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import study
 from helpers.embeddings import EmbeddingError, read_embeddings, write_embeddings
-from helpers.extract import checkpoint_for, encoder_spec, extract
+from helpers.extract import checkpoint_for, encoder_spec, extract, meds_dir, require_meds
 from helpers.manifest import ManifestError, default_checkpoint, load, sha256_path
-from helpers.pretrain import resolve_name
+from helpers.pretrain import QUICK_PRETRAIN, _config, resolve_name
 from helpers.probes import probe_factors, probe_scores
 
 
@@ -93,6 +92,40 @@ def test_a_table_brought_by_the_user_is_checked_and_aligned(tmp_path):
         extract(load(path), "pe", "image", "mine")
 
 
+def test_require_meds_names_the_folder_and_the_cohort_step(tmp_path):
+    from helpers.meds import read_meds, write_meds
+
+    m = load(_manifest(tmp_path))
+    folder = meds_dir(m, "pe")
+    assert folder == m.run_root / "meds" / "pe"
+    with pytest.raises(FileNotFoundError, match="does not exist") as missing:
+        require_meds(m, "pe")
+    message = str(missing.value)
+    assert str(folder) in message and "cohort step" in message and "notebooks/01_cohort.ipynb" in message
+    assert f"snakemake {m.run_root / 'cohorts' / 'pe.parquet'}" in message
+    (folder / "data").mkdir(parents=True)  # a folder without data (an interrupted or foreign one)
+    with pytest.raises(FileNotFoundError, match=r"has no data/\*\.parquet"):
+        require_meds(m, "pe")
+    events = pd.DataFrame({"subject_id": [1, 1], "time": pd.to_datetime([None, "2020-01-01"]),
+                           "code": ["Gender/F", "ICD10CM/I10"], "numeric_value": np.array([np.nan, np.nan], "float32")})
+    write_meds(events, folder)
+    assert require_meds(m, "pe") == folder
+    assert len(read_meds(require_meds(m, "pe"))) == 2
+
+
+@pytest.mark.parametrize(("profile", "short"), [("tiny", True), ("quick", True), ("paper", False)])
+def test_the_tiny_and_quick_twins_pretrain_for_fewer_steps(tmp_path, profile, short):
+    path = _manifest(tmp_path)
+    path.write_text(path.read_text().replace("profile: quick", f"profile: {profile}"))
+    m = load(path)
+    assert m.synthetic.profile == profile
+    for modality, name in (("image", "ct_mae"), ("ehr", "clmbr")):
+        entry = encoder_spec(m, modality, name)
+        config = _config(m, modality, name, entry)
+        for key, value in QUICK_PRETRAIN[entry.kind].items():
+            assert (getattr(config, key) == value) is short
+
+
 def test_probes_recover_a_linear_factor_and_not_noise():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 10))
@@ -111,19 +144,3 @@ def test_probes_recover_a_linear_factor_and_not_noise():
     assert np.isnan(out.set_index("factor").loc["flat", "score"])
     with pytest.raises(ValueError, match="1 studies of the embedding have no ground-truth factors, e.g. zz"):
         probe_factors(x[:1], ["zz"], factors, {"clot_burden": ("ct",)})
-
-
-def test_grid_pretrains_then_extracts_and_trains_on_the_first_image_encoder(tmp_path):
-    m = load(_manifest(tmp_path))
-    nodes = {n.key: n for n in study.plan(m, m.path, study.parse_only("task=pe"))}
-    assert nodes["pe/02_embeddings/image-ct_mae"].deps == ["pe/01_cohort", "pe/02_pretrain/ct_mae"]
-    assert nodes["pe/02_embeddings/image-randconv"].deps == ["pe/01_cohort"]
-    assert nodes["pe/02_embeddings/ehr-clmbr"].deps == ["pe/01_cohort", "pe/02_pretrain/clmbr"]
-    assert "pe/02_embeddings/image-randconv" in nodes and "pe/02_pretrain/randconv" not in nodes
-    trains = [n for n in nodes.values() if n.notebook == "03_train.ipynb"]
-    assert all(n.params["image_embeddings"].endswith("image-randconv.parquet") for n in trains)
-    clmbr = [n for n in trains if n.params["ehr_repr"] == "clmbr"]
-    assert len(clmbr) == len(study.GRID_FUSIONS) - 1 and all(n.params["ehr_tokens"] == "chunk" for n in clmbr)
-    only_onehot = load(_manifest(tmp_path, {"image": {"randconv": {"kind": "builtin"}}, "ehr": {"onehot": {"kind": "builtin"}}}))
-    with pytest.raises(ManifestError, match="encoders.ehr: the study grid needs clmbr"):
-        study.plan(only_onehot, only_onehot.path)

@@ -91,3 +91,20 @@ def test_early_stopping_on_the_validation_c_index():
     assert result.best_epoch == int(history.loc[history["val_c_index"].idxmax(), "epoch"])
     with pytest.raises(ValueError, match="parameter 'stop_on': unknown value 'auc'"):
         fit("concat", train, val, config=TrainConfig(stop_on="auc"), seed=0)
+
+
+def test_train_config_takes_options_and_keeps_the_declared_defaults():
+    from helpers.tasks import ParameterError
+    from helpers.training import TrainConfig, train_config
+
+    config = train_config({"lr": 0.003, "max_epochs": 5}, ehr_repr="clmbr")
+    assert config.lr == 0.003 and config.max_epochs == 5 and config.l2 == TrainConfig.l2
+    assert config.ehr_tokens == "chunk", "CLMBR vectors are cut in chunks (helpers.tasks.EHR_REPRESENTATIONS)"
+    assert train_config({}, ehr_repr="onehot").ehr_tokens == "feature"
+    assert train_config({"ehr_tokens": "feature"}, ehr_repr="clmbr").ehr_tokens == "feature"
+    with pytest.raises(ParameterError, match="training option\\(s\\) 'learning_rate' unknown"):
+        train_config({"learning_rate": 0.1})
+    with pytest.raises(ParameterError, match="parameter 'loss': unknown value 'hinge'"):
+        train_config({"loss": "hinge"})
+    with pytest.raises(ParameterError, match="parameter 'max_epochs': expected an integer"):
+        train_config({"max_epochs": 2.5})

@@ -26,7 +26,6 @@ from helpers.encoders.image import (
     VolumeDataset,
     encode_volumes,
     image_encoder,
-    slice_cache_dir,
 )
 
 __all__ = [
@@ -37,5 +36,4 @@ __all__ = [
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
-    "slice_cache_dir",
 ]

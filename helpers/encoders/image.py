@@ -23,8 +23,6 @@ name / kind         what                                                     mod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -35,7 +33,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from helpers.encoders.randconv import RandomConvEncoder
 from helpers.imaging import AIR_HU, Volume, air_offset, load_volume, window
@@ -49,13 +47,10 @@ __all__ = [
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
-    "slice_cache_dir",
 ]
 
 IMAGE_ENCODERS: tuple[str, ...] = ("randconv", "ct_mae", "hf", "medimageinsight")
 EHR_ENCODERS: tuple[str, ...] = ("onehot", "clmbr")
-
-_SHARD_FORMAT = 1
 
 
 @runtime_checkable
@@ -191,98 +186,26 @@ def _square_fov(slices: np.ndarray, dy: float, dx: float, fov_mm: float) -> np.n
     return out
 
 
-def slice_cache_dir(run_root: str | os.PathLike, task: str) -> Path:
-    """Where the encoders and the pretraining of ``task`` share preprocessed slices (see
-    ``VolumeDataset``): ``<run_root>/embeddings/<task>/slices``. Safe to delete at any time."""
-    return Path(run_root) / "embeddings" / task / "slices"
-
-
-def _preprocessing_key(preprocess: SlicePreprocess) -> str:
-    """What preprocessed slices depend on besides the volume: the preprocessing parameters and
-    the code and libraries that compute them (a change to any gives a new cache folder)."""
-    import inspect
-    import sys
-
-    import helpers.imaging
-
-    code = "".join(inspect.getsource(obj) for obj in (helpers.imaging, SlicePreprocess, _square_fov))
-    blob = json.dumps({"preprocessing": preprocess.describe(), "code": hashlib.sha256(code.encode()).hexdigest(),
-                       "torch": torch.__version__, "numpy": np.__version__,
-                       "nibabel": getattr(sys.modules.get("nibabel"), "__version__", None),
-                       "pydicom": getattr(sys.modules.get("pydicom"), "__version__", None)},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _volume_signature(path: str) -> str:
-    """The volume file (or DICOM folder) as it is now: absolute path, sizes and modification
-    times, so that a rewritten volume is preprocessed again."""
-    p = Path(path).absolute()
-    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
-    parts = [str(p)] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
-
-
 class VolumeDataset(Dataset):
     """Items are ``(index, slices)`` with slices from ``preprocess`` of the volume at
     ``paths[index]``. Errors name the study and the file. Holds only lists, strings and a
     frozen dataclass, so it pickles into DataLoader workers (fork or spawn).
-
-    ``cache_dir``: if given, each volume's slices are kept there once preprocessed (one
-    float32 ``.npy`` per volume, in a subfolder keyed by the preprocessing, its code and
-    libraries; the file is keyed by the volume's path, sizes and modification times), and a
-    later dataset with the same preprocessing reads them instead of decoding the volume again:
-    the same numbers. The encoders and the pretraining of a task share
-    ``slice_cache_dir(run_root, task)``. Files are written atomically, so datasets in several
-    processes may share the folder.
     """
 
-    def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess, *,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess) -> None:
         if len(study_ids) != len(paths):
             raise ValueError(f"Dimension mismatch: 'paths' has {len(paths)} entries but 'study_ids' has {len(study_ids)}")
         self.study_ids, self.paths, self.preprocess = list(study_ids), list(paths), preprocess
-        self.cache_dir = None
-        if cache_dir is not None:
-            try:
-                self.cache_dir = str(Path(cache_dir) / _preprocessing_key(preprocess))
-            except (OSError, TypeError):  # no source code to key the cache on: decode every volume
-                pass
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        cached = None
         try:
-            if self.cache_dir is not None:
-                cached = Path(self.cache_dir) / f"{_volume_signature(self.paths[index])}.npy"
-                slices = self._read_cached(cached)
-                if slices is not None:
-                    return index, slices
             volume = load_volume(self.paths[index])
         except Exception as err:
             raise RuntimeError(f"study {self.study_ids[index]}: cannot read {self.paths[index]}: {err}") from err
-        slices = self.preprocess(volume)
-        if cached is not None:
-            try:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.npy")
-                np.save(tmp, slices.numpy())
-                os.replace(tmp, cached)
-            except OSError:  # the cache only saves time: a full or read-only disk does not stop encoding
-                pass
-        return index, slices
-
-    def _read_cached(self, path: Path) -> torch.Tensor | None:
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        size, n = self.preprocess.size, self.preprocess.n_slices
-        if array.dtype != np.float32 or array.shape != (n, 1, size, size):
-            return None
-        return torch.from_numpy(array)
+        return index, self.preprocess(volume)
 
 
 def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
@@ -360,50 +283,6 @@ def image_encoder(
                      "builtin, ct_mae, hf, medimageinsight")
 
 
-def _fingerprint(encoder: nn.Module, dataset: Dataset, shard_size: int, shard_key: str | None) -> str:
-    """What a shard's tokens depend on: the encoder's description, the preprocessing, the
-    shard size and the caller's key. Encoders without ``describe()`` are keyed on their
-    weights."""
-    if hasattr(encoder, "describe"):
-        model = encoder.describe()
-    else:
-        digest = hashlib.sha256()
-        for key, value in sorted(encoder.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-        model = {"class": type(encoder).__qualname__, "weights_sha256": digest.hexdigest()}
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    preprocess = base.preprocess.describe() if hasattr(getattr(base, "preprocess", None), "describe") else None
-    blob = json.dumps({"format": _SHARD_FORMAT, "model": model, "preprocessing": preprocess, "shard_size": shard_size,
-                       "key": shard_key}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _shard_path(shard_dir: Path, k: int) -> Path:
-    return shard_dir / f"shard-{k:05d}.npz"
-
-
-def _read_shard(path: Path, ids: list[str], fingerprint: str) -> list[np.ndarray] | None:
-    """The shard's tokens if it exists and matches ``ids`` and ``fingerprint``, else None."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != fingerprint or data["study_ids"].tolist() != ids:
-                return None
-            tokens, lengths = data["tokens"], data["lengths"]
-    except (OSError, KeyError, ValueError):
-        return None
-    return [t.astype(np.float32) for t in np.split(tokens, np.cumsum(lengths)[:-1])]
-
-
-def _write_shard(path: Path, ids: list[str], tokens: list[np.ndarray], fingerprint: str) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, study_ids=np.asarray(ids, dtype=str), fingerprint=np.asarray(fingerprint),
-             lengths=np.asarray([len(t) for t in tokens], dtype=np.int64), tokens=np.concatenate(tokens).astype(np.float32))
-    os.replace(tmp, path)
-
-
 def encode_volumes(
     encoder: nn.Module,
     dataset: VolumeDataset,
@@ -412,9 +291,6 @@ def encode_volumes(
     device: str = "cpu",
     num_workers: int = 0,
     progress: Callable[[int], object] | None = None,
-    shard_dir: str | os.PathLike | None = None,
-    shard_size: int = 256,
-    shard_key: str | None = None,
     stats: dict | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Encode every volume of ``dataset`` (items ``(index, slices)``, see ``VolumeDataset``).
@@ -426,99 +302,59 @@ def encode_volumes(
     with non-blocking transfers on whole batches, and the outputs are cast back to float32; on
     the CPU it is called once per volume.
 
-    ``shard_dir``: if given, every ``shard_size`` consecutive volumes form a shard whose tokens
-    are written atomically to ``shard_dir/shard-<k>.npz`` once complete; a later call loads
-    each shard whose study ids and fingerprint (``encoder.describe()``, the dataset's
-    preprocessing, ``shard_size`` and ``shard_key``) match, and computes only the others, so
-    an interrupted run resumes. ``progress(n)`` is called with the number of volumes done so
-    far (resumed ones included). ``stats``, if given, is filled with ``resumed_shards``,
-    ``computed_shards``, ``computed_volumes``, ``volumes_per_second`` and ``slices_per_second``
-    (over computed volumes), ``decode_seconds`` (waiting for the loader) and ``model_seconds``.
+    ``progress(n)`` is called with the number of volumes done so far. ``stats``, if given, is
+    filled with ``computed_volumes``, ``volumes_per_second``, ``slices_per_second``,
+    ``decode_seconds`` (waiting for the loader) and ``model_seconds``.
     """
     if batch_size < 1:
         raise ValueError(f"parameter 'batch_size': must be >= 1, got {batch_size}")
-    if shard_size < 1:
-        raise ValueError(f"parameter 'shard_size': must be >= 1, got {shard_size}")
     if num_workers < 0:
         raise ValueError(f"parameter 'num_workers': must be >= 0, got {num_workers}")
     n = len(dataset)
     if n == 0:
         raise ValueError("parameter 'dataset': no volumes to encode")
-    ids = [str(s) for s in getattr(dataset, "study_ids", range(n))]
     torch_device = torch.device(device)
     encoder = encoder.to(torch_device)
     cuda = torch_device.type == "cuda"
 
     tokens: list[np.ndarray | None] = [None] * n
-    shard_of = np.arange(n) // shard_size
-    n_shards = int(shard_of[-1]) + 1
-    resumed = 0
-    fingerprint = None
-    if shard_dir is not None:
-        shard_dir = Path(shard_dir)
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(encoder, dataset, shard_size, shard_key)
-        for stale in [*shard_dir.glob(".shard-*.tmp.npz"), *shard_dir.glob("shard-*.npz")]:
-            if stale.name.startswith(".") or int(stale.stem.split("-")[1]) >= n_shards:
-                stale.unlink(missing_ok=True)  # partial writes, or shards past the end of the study list
-        for k in range(n_shards):
-            lo, hi = k * shard_size, min((k + 1) * shard_size, n)
-            loaded = _read_shard(_shard_path(shard_dir, k), ids[lo:hi], fingerprint)
-            if loaded is not None:
-                tokens[lo:hi] = loaded
-                resumed += 1
-    todo = [i for i in range(n) if tokens[i] is None]
-    done = n - len(todo)
-    if progress is not None and done:
-        progress(done)
-    remaining = np.bincount(shard_of[todo], minlength=n_shards) if todo else np.zeros(n_shards, dtype=int)
-
+    done = 0
     decode_s = model_s = 0.0
     n_slices = 0
     started = time.perf_counter()
-    if todo:
-        subset = dataset if len(todo) == n else Subset(dataset, todo)
-        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                            pin_memory=cuda, persistent_workers=num_workers > 0)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-        iterator = iter(loader)
-        with torch.inference_mode(), autocast:
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    indices, volumes = next(iterator)
-                except StopIteration:
-                    break
-                t1 = time.perf_counter()
-                sizes = [v.shape[0] for v in volumes]
-                if cuda:
-                    out = encoder(torch.cat(volumes).to(torch_device, non_blocking=True)).float().cpu().numpy()
-                else:
-                    # one volume per call: the intermediate maps of 16 slices stay in the cache and
-                    # in memory the allocator reuses (2.6x faster for randconv, 1.6x for ct_mae than
-                    # a batch of 16 volumes at once; the same numbers)
-                    out = torch.cat([encoder(v) for v in volumes]).float().numpy()
-                t2 = time.perf_counter()
-                decode_s, model_s, n_slices = decode_s + t1 - t0, model_s + t2 - t1, n_slices + sum(sizes)
-                for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
-                    tokens[i] = chunk.astype(np.float32)
-                    k = int(shard_of[i])
-                    remaining[k] -= 1
-                    if shard_dir is not None and remaining[k] == 0:
-                        lo, hi = k * shard_size, min((k + 1) * shard_size, n)
-                        _write_shard(_shard_path(shard_dir, k), ids[lo:hi], tokens[lo:hi], fingerprint)
-                done += len(indices)
-                if progress is not None:
-                    progress(done)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=cuda, persistent_workers=num_workers > 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    iterator = iter(loader)
+    with torch.inference_mode(), autocast:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                indices, volumes = next(iterator)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            sizes = [v.shape[0] for v in volumes]
+            if cuda:
+                out = encoder(torch.cat(volumes).to(torch_device, non_blocking=True)).float().cpu().numpy()
+            else:
+                # one volume per call: the intermediate maps of 16 slices stay in the cache and
+                # in memory the allocator reuses (2.6x faster for randconv, 1.6x for ct_mae than
+                # a batch of 16 volumes at once; the same numbers)
+                out = torch.cat([encoder(v) for v in volumes]).float().numpy()
+            t2 = time.perf_counter()
+            decode_s, model_s, n_slices = decode_s + t1 - t0, model_s + t2 - t1, n_slices + sum(sizes)
+            for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
+                tokens[i] = chunk.astype(np.float32)
+            done += len(indices)
+            if progress is not None:
+                progress(done)
     seconds = time.perf_counter() - started
     if stats is not None:
-        computed_shards = int(len(set(shard_of[todo].tolist()))) if todo else 0
         stats.update(
-            resumed_shards=resumed if shard_dir is not None else 0,
-            computed_shards=computed_shards if shard_dir is not None else 0,
-            computed_volumes=len(todo),
-            volumes_per_second=len(todo) / seconds if todo and seconds > 0 else float("nan"),
-            slices_per_second=n_slices / seconds if todo and seconds > 0 else float("nan"),
+            computed_volumes=n,
+            volumes_per_second=n / seconds if seconds > 0 else float("nan"),
+            slices_per_second=n_slices / seconds if seconds > 0 else float("nan"),
             decode_seconds=decode_s,
             model_seconds=model_s,
         )
