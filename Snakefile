@@ -88,7 +88,7 @@ if absent:
 # The imbalance study: the same rules at other image shares (same twin seed and interaction).
 SWEEP = []
 if SYNTHETIC and str(config.get("sweep", "1")) != "0" and PROFILE.sweep_shares:
-    SWEEP = [Setting(PROFILE.sweep_profile, s, BASE.synthetic.interaction, BASE.synthetic.seed)
+    SWEEP = [Setting(PROFILE.sweep_profile, s, BASE.synthetic.interaction, BASE.synthetic.seed, sweep=True)
              for s in PROFILE.sweep_shares]
 SWEEP_ROOTS = {s.label for s in SWEEP} - {MAIN}
 
@@ -102,16 +102,24 @@ def manifest_for(root):
     return BASE.with_setting(Setting.from_label(root))
 
 
+def _is_sweep(root):
+    return root != MAIN and Setting.from_label(root).sweep
+
+
 def grid(root):
-    """(ehr_repr, fusion, seed) of the runs trained at ``root``."""
-    if root == MAIN:
-        return grid_runs(GRID_REPRS, GRID_FUSIONS, PROFILE.seeds)
+    """(ehr_repr, fusion, seed) of the runs trained at ``root``: the study's grid with its
+    profile's seeds, or at a setting of the imbalance study (``<profile>/sweep/...``) the sweep's
+    EHR representations and one seed. It depends on the folder only, never on which study
+    asked for it."""
+    if not _is_sweep(root):
+        profile = PROFILES[Setting.from_label(root).profile] if root != MAIN else PROFILE
+        return grid_runs(GRID_REPRS, GRID_FUSIONS, profile.seeds)
     sweep_reprs = tuple(r for r in PROFILES[Setting.from_label(root).profile].sweep_ehr_reprs if r in GRID_REPRS)
     return grid_runs(sweep_reprs or GRID_REPRS[:1], GRID_FUSIONS, (0,))
 
 
 def image_encoders(root):
-    return IMAGE_ENCODERS if root == MAIN else (FUSION_IMAGE,)
+    return (FUSION_IMAGE,) if _is_sweep(root) else IMAGE_ENCODERS
 
 
 def ehr_encoders(root):
@@ -179,7 +187,7 @@ R = f"{OUT}/{{root}}"
 NB = f"{R}/notebooks"
 
 wildcard_constraints:
-    root=r"[^/]+/[^/]+",
+    root=r"[^/]+/(sweep/)?[^/]+",
     task="|".join(TASKS),
     modality="image|ehr",
     encoder=r"[A-Za-z0-9_]+",
@@ -372,7 +380,7 @@ rule compare:
     params:
         cmd=lambda wc, input, output: papermill(
             "04_compare.ipynb", output.notebook, task=wc.task, runs_dir=f"{OUT}/{wc.root}/runs",
-            n_boot=1000 if wc.root == MAIN else 200, manifest=input.manifest),
+            n_boot=200 if _is_sweep(wc.root) else 1000, manifest=input.manifest),
     shell:
         "{params.cmd}"
 

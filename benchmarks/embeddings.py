@@ -2,7 +2,7 @@
 apart from the model, and (on a GPU) a MedImageInsight-sized vision model in bf16.
 
 CPU part (always): ``--studies`` studies of an existing twin (``outputs/paper`` if present,
-else ``outputs/quick``; run ``make study`` first) are encoded by ``randconv`` and ``ct_mae``
+else the quick twin's; run ``make study`` first) are encoded by ``randconv`` and ``ct_mae``
 (the study's pretrained checkpoint when there is one; else a briefly trained one, which has
 the same cost per slice). Each line gives slices/s over the whole run, the seconds spent
 waiting for decoding (reading DICOM/NIfTI, windowing, resampling) and in the model, and the
@@ -38,10 +38,10 @@ N_SLICES = 16
 
 
 def _twin_root() -> Path:
-    for profile in ("paper", "quick"):
-        root = ROOT / "outputs" / profile
-        if (root / "cohorts" / "pe.parquet").is_file():
-            return root
+    for profile in ("paper", "quick", "tiny"):
+        for root in sorted((ROOT / "outputs" / profile).glob("share-*")):  # a setting's folder
+            if (root / "cohorts" / "pe.parquet").is_file():
+                return root
     raise SystemExit("no study outputs: run `make study PROFILE=quick` (or `make study`) first")
 
 

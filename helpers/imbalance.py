@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from helpers.compare import ORACLE
-from helpers.tasks import TASKS, Setting
+from helpers.tasks import TASKS, UNIMODAL_IMAGE, Setting
 
 __all__ = ["RESULT_COLUMNS", "collect", "imbalance_figure", "summarise", "wide_table", "reading"]
 
@@ -34,10 +34,13 @@ _FEW_EVENTS = 5  # below this many events a cohort's C-index is flagged as noise
 _UNIMODAL = ("image_only", "ehr_only")
 
 
-def collect(output_dir: str | Path, settings: list[Setting], tasks: tuple[str, ...] = tuple(TASKS)) -> pd.DataFrame:
+def collect(output_dir: str | Path, settings: list[Setting], tasks: tuple[str, ...] = tuple(TASKS), *,
+            ehr_reprs: tuple[str, ...] = ("onehot",), seed: int = 0) -> pd.DataFrame:
     """One row per task, setting, model and evaluation cohort (``RESULT_COLUMNS``), read from
-    each setting's ``comparisons/<task>/cindex.csv``. A missing table is an error naming the
-    file and the command that makes it."""
+    each setting's ``comparisons/<task>/cindex.csv``: the oracle, image only, and the models
+    of ``ehr_reprs`` trained with ``seed`` (what the sweep trains at every setting; the study's
+    own setting may hold more). A missing table is an error naming the file and the command
+    that makes it."""
     frames = []
     for setting in settings:
         for task in tasks:
@@ -46,6 +49,9 @@ def collect(output_dir: str | Path, settings: list[Setting], tasks: tuple[str, .
                 raise FileNotFoundError(f"{path}: no comparison at setting {setting.label} for task {task!r}; "
                                         f"run it with: snakemake {path}")
             frame = pd.read_csv(path)
+            keep = (frame["model"] == ORACLE) | (frame["ehr_repr"].isin(ehr_reprs + (UNIMODAL_IMAGE,))
+                                                  & (frame["seed"] == seed))
+            frame = frame[keep].copy()
             frame.insert(0, "task", task)
             frame.insert(1, "image_share", setting.image_share)
             frame.insert(2, "interaction", setting.interaction)

@@ -60,6 +60,9 @@ class SyntheticSource(_Strict):
     seed: Annotated[int, Field(ge=0)] = 20260616
     image_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     interaction: Annotated[float, Field(ge=0.0)] = DEFAULT_INTERACTION
+    # a setting of the imbalance study (written by the workflow): its outputs go under
+    # <profile>/sweep/ (see helpers.tasks.Setting)
+    sweep: bool = False
 
     @field_validator("profile")
     @classmethod
@@ -71,7 +74,7 @@ class SyntheticSource(_Strict):
     @property
     def setting(self) -> Setting:
         """The twin setting (profile, image share, interaction, seed) this source names."""
-        return Setting(self.profile, self.image_share, self.interaction, self.seed)
+        return Setting(self.profile, self.image_share, self.interaction, self.seed, sweep=self.sweep)
 
 
 class ImagingSource(_Strict):
@@ -219,7 +222,7 @@ class Manifest(_Strict):
             )
         synthetic = self.synthetic.model_copy(update={
             "profile": setting.profile, "image_share": setting.image_share,
-            "interaction": setting.interaction, "seed": setting.seed})
+            "interaction": setting.interaction, "seed": setting.seed, "sweep": setting.sweep})
         data = self.data.model_copy(update={"synthetic": synthetic})
         return self.model_copy(update={"data": data})
 

@@ -23,7 +23,7 @@ import pandas as pd
 from helpers import cohort as hc
 from helpers.extract import encoder_spec, require_meds
 from helpers.manifest import PRETRAINED_KINDS, Manifest, ManifestError, default_checkpoint
-from helpers.tasks import get_task
+from helpers.tasks import PROFILES, get_task
 
 __all__ = ["PRETRAIN_SPLITS", "QUICK_PRETRAIN", "pretrain", "pretraining_studies", "resolve_name"]
 
@@ -73,7 +73,7 @@ def _config(manifest: Manifest, modality: str, name: str, entry):
     if unknown:
         raise ManifestError(f"{manifest.path}: encoders.{modality}.{name}.pretrain: unknown setting(s) {', '.join(unknown)}; "
                             f"expected some of {', '.join(sorted(known))}")
-    quick = manifest.data.source == "synthetic" and manifest.synthetic.profile in ("tiny", "quick")
+    quick = manifest.data.source == "synthetic" and PROFILES[manifest.synthetic.profile].short_pretraining
     settings = {**(QUICK_PRETRAIN[entry.kind] if quick else {}), **entry.pretrain}
     try:
         return config_class(**settings)

@@ -174,7 +174,8 @@ class Profile:
     ``None`` keeps the paper's rates). ``seeds``: training seeds of the grid.
     ``sweep_profile`` and ``sweep_shares``: the twin size and ``image_share`` values of the
     imbalance study (the same rules at other settings; ``()`` for none), which trains
-    ``sweep_ehr_reprs`` only.
+    ``sweep_ehr_reprs`` only. ``short_pretraining``: the built-in foundation models pretrain
+    for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
     """
 
     name: str
@@ -185,19 +186,19 @@ class Profile:
     sweep_profile: str
     sweep_shares: tuple[float, ...]
     sweep_ehr_reprs: tuple[str, ...] = ("onehot",)
+    short_pretraining: bool = False
 
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("tiny", "a few dozen studies per task: the tests' twin",
             {"pe": {"internal": 140, "external": 40}, "mace": {"internal": 140, "external": 40}},
-            min_event_rate=0.3, seeds=(0,), sweep_profile="tiny", sweep_shares=(0.5, 1.0)),
+            min_event_rate=0.3, seeds=(0,), sweep_profile="tiny", sweep_shares=(1.0,), short_pretraining=True),
     Profile("quick", "a few hundred studies per task, teaching event rates: a workshop's coffee break",
             {"pe": {"internal": 600, "external": 150}, "mace": {"internal": 480, "external": 150}},
-            min_event_rate=0.3, seeds=(0,), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0)),
+            min_event_rate=0.3, seeds=(0,), sweep_profile="quick", sweep_shares=(), short_pretraining=True),
     Profile("paper", "the paper's cohort sizes and event rates, three training seeds",
             {"pe": {"internal": 4197, "external": 435}, "mace": {"internal": 3788, "external": 682}},
-            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick",
-            sweep_shares=(0.0, 0.25, 0.5, 0.75, 1.0)),
+            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0)),
 )}
 
 
@@ -209,11 +210,15 @@ def _num(value: float) -> str:
 class Setting:
     """A setting of the digital twin: its profile, ``image_share`` (the CT's share of the
     non-interaction log-hazard), ``interaction`` (kappa) and seed. ``label`` names its
-    folder under the output directory, ``<profile>/share-<s>_interaction-<k>_seed-<n>``.
+    folder under the output directory, ``<profile>/share-<s>_interaction-<k>_seed-<n>``; a
+    setting of the imbalance study (``sweep``, which trains a smaller grid) lives apart, under
+    ``<profile>/sweep/``, so that a folder's grid never depends on which study asked for it.
 
     >>> Setting("quick", 0.5, 0.35, 7).label
     'quick/share-0.5_interaction-0.35_seed-7'
-    >>> Setting.from_label("quick/share-0.5_interaction-0.35_seed-7") == Setting("quick", 0.5, 0.35, 7)
+    >>> Setting("quick", 1.0, 0.35, 7, sweep=True).label
+    'quick/sweep/share-1_interaction-0.35_seed-7'
+    >>> Setting.from_label("quick/sweep/share-1_interaction-0.35_seed-7") == Setting("quick", 1.0, 0.35, 7, sweep=True)
     True
     """
 
@@ -221,6 +226,7 @@ class Setting:
     image_share: float
     interaction: float
     seed: int
+    sweep: bool = False
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, tuple(PROFILES))
@@ -233,19 +239,23 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return (f"{self.profile}/share-{_num(self.image_share)}_interaction-{_num(self.interaction)}"
-                f"_seed-{int(self.seed)}")
+        return (f"{self.profile}/{'sweep/' if self.sweep else ''}share-{_num(self.image_share)}"
+                f"_interaction-{_num(self.interaction)}_seed-{int(self.seed)}")
 
     @classmethod
     def from_label(cls, label: str) -> Setting:
         """The setting a folder label names (see ``label``); ``ParameterError`` otherwise."""
         try:
-            profile, rest = label.split("/")
+            folders = label.split("/")
+            if len(folders) == 3 and folders[1] != "sweep":
+                raise ValueError(label)
+            profile, rest = folders[0], folders[-1]
             parts = dict(part.split("-", 1) for part in rest.split("_"))
-            return cls(profile, float(parts["share"]), float(parts["interaction"]), int(parts["seed"]))
+            return cls(profile, float(parts["share"]), float(parts["interaction"]), int(parts["seed"]),
+                       sweep=len(folders) == 3)
         except (ValueError, KeyError):
             raise ParameterError(f"{label!r} is not a twin setting label; expected "
-                                 f"<profile>/share-<s>_interaction-<k>_seed-<n>") from None
+                                 f"<profile>[/sweep]/share-<s>_interaction-<k>_seed-<n>") from None
 
 
 # ----------------------------------------------------------------------------- lookups

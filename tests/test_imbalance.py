@@ -20,10 +20,11 @@ def test_collect_reads_each_setting_and_names_a_missing_one(tmp_path):
     for k, setting in enumerate(settings):
         folder = tmp_path / setting.label / "comparisons" / "pe"
         folder.mkdir(parents=True)
-        pd.DataFrame({"model": ["Image only", ORACLE], "cohort": ["Internal"] * 2, "fusion": ["image_only", None],
-                      "c_index": [0.6 + k / 10, 0.9]}).to_csv(folder / "cindex.csv", index=False)
+        pd.DataFrame({"model": ["Image only", ORACLE, "EHR only (CLMBR)"], "cohort": ["Internal"] * 3,
+                      "fusion": ["image_only", None, "ehr_only"], "ehr_repr": ["none", None, "clmbr"],
+                      "seed": [0, None, 0], "c_index": [0.6 + k / 10, 0.9, 0.7]}).to_csv(folder / "cindex.csv", index=False)
     results = imbalance.collect(tmp_path, settings, ("pe",))
-    assert list(results["image_share"]) == [0.0, 0.0, 1.0, 1.0]
+    assert list(results["image_share"]) == [0.0, 0.0, 1.0, 1.0], "only what the sweep trains (one-hot, seed 0)"
     assert results.loc[results["model"] == "Image only", "c_index"].tolist() == [0.6, 0.7]
     assert set(results["twin_seed"]) == {3} and set(results["interaction"]) == {0.35}
     missing = settings + [Setting("tiny", 0.5, 0.35, 3)]

@@ -88,7 +88,8 @@ def test_results_are_numbers_with_the_oracle_as_a_reference_row(study):
     table = pd.read_csv(root / "comparisons" / "table1.csv", index_col=0)
     assert list(table.columns) == ["Internal PE", "External PE"] and table.index[-1] == ORACLE
     sweep = pd.read_csv(root / "imbalance" / "imbalance.csv")
-    assert set(sweep["image_share"]) == {0.5, 1.0}
+    assert set(sweep["image_share"]) == {1.0} and set(sweep["ehr_repr"].dropna()) <= {"none", "onehot"}
+    assert (study["root"].parent / "sweep" / "share-1_interaction-0.35_seed-11" / "runs").is_dir()
     params = json.loads((root / "runs" / "pe" / "onehot" / "concat" / "seed-0" / "params.json").read_text())
     assert params["fusion"] == "concat" and len(params["inputs_sha256"]) == 3
     assert params["image_embeddings"].endswith("image-randconv.parquet"), "the manifest's first image encoder"
@@ -98,8 +99,9 @@ def test_results_are_numbers_with_the_oracle_as_a_reference_row(study):
 def test_no_identifier_date_or_build_path_reaches_the_book(study):
     html = "\n".join(p.read_text(errors="replace")
                      for p in (study["folder"] / "book" / "_build" / "html").rglob("*.html"))
-    twin = study["manifest"].twin_dir
-    for root in [twin] + [p / "twin" for p in study["root"].parent.iterdir() if p != study["root"]]:
+    twins = sorted((study["folder"] / "outputs").rglob("twin.json"))
+    assert len(twins) == 2, "the study's twin and the imbalance study's"
+    for root in {t.parent.parent for t in twins}:
         index = pd.read_parquet(root / "pe" / "imaging_index.parquet")
         person = pd.read_parquet(root / "pe" / "omop" / "person.parquet")
         assert not [s for s in index["study_id"] if s in html]
