@@ -55,7 +55,7 @@ def resolve_name(manifest: Manifest, name: str) -> tuple[str, str]:
 # Shorter pretraining on the tiny and quick twins (tests, workshops): a quarter to a third of the
 # optimiser steps of the defaults, which take 2 to 3 minutes per task on one core. Settings in
 # the manifest entry's ``pretrain`` replace these.
-QUICK_PRETRAIN: dict[str, dict] = {"ct_mae": {"epochs": 3}, "clmbr_mini": {"target_steps": 80}}
+QUICK_PRETRAIN: dict[str, dict] = {"ct_mae": {"epochs": 2}, "clmbr_mini": {"target_steps": 50}}
 
 
 def _config(manifest: Manifest, modality: str, name: str, entry):
