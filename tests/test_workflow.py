@@ -153,7 +153,7 @@ def test_a_failing_notebook_is_named_with_its_parameters_and_cell(study):
     assert run.returncode != 0
     log = run.stdout + run.stderr
     assert re.search(r"notebook failed: \S*notebooks/03_train\.ipynb \(-p task 'pe' -p ehr_repr 'onehot' -p fusion 'concat'", log)
-    assert "An Exception was encountered at" in log and "ehr-onehot.parquet" in log
+    assert re.search(r'Exception encountered at "In \[\d+\]"', log) and "ehr-onehot.parquet" in log
     failed = study["root"] / "notebooks" / "pe" / "03_train" / "onehot" / "concat" / "seed-0.failed.ipynb"
     assert failed.is_file()
 
