@@ -26,9 +26,15 @@ import pyarrow.parquet as pq
 
 from helpers.tasks import get_task
 
-__all__ = ["READERS", "truth_dir", "read_truth", "read_lesions", "mask_path", "read_mask"]
+__all__ = ["READERS", "ANATOMY", "truth_dir", "read_truth", "read_lesions", "mask_path", "read_mask", "read_anatomy"]
 
 READERS: tuple[str, ...] = ("twin_chapter", "oracle", "probes", "saliency")
+
+# Labels of the anatomy map the twin saves with each lesion mask (``anatomy`` in the mask's
+# .npz, ``helpers.twin.phantom``): the structures whose size carries the CT's shared factors
+# (RV strain, pulmonary-artery dilation, cardiac dysfunction). Saliency is scored against them
+# as well as against the lesions.
+ANATOMY: dict[str, int] = {"heart": 1, "pulmonary_arteries": 2}
 
 
 def _check_reader(reader: str) -> None:
@@ -118,3 +124,17 @@ def read_mask(
     0 elsewhere. ``FileNotFoundError`` naming the path when it is missing."""
     with np.load(_existing(mask_path(twin_dir, task, study_id, reader=reader))) as data:
         return data["mask"]
+
+
+def read_anatomy(
+    twin_dir: str | os.PathLike[str], task: str, study_id: str, *, reader: str
+) -> np.ndarray:
+    """One study's anatomy map, saved with its lesion mask: uint8, shape ``(z, y, x)``;
+    ``ANATOMY`` labels (1 heart and ventricles, 2 pulmonary arteries), 0 elsewhere. A mask
+    file of a twin older than generator 1.4.0 has none: ``ValueError`` naming the file."""
+    path = _existing(mask_path(twin_dir, task, study_id, reader=reader))
+    with np.load(path) as data:
+        if "anatomy" not in data.files:
+            raise ValueError(f"{path}: no 'anatomy' map (a twin written before generator 1.4.0); "
+                             "write the twin again")
+        return data["anatomy"]

@@ -87,3 +87,8 @@ def test_read_lesions_and_masks(tiny_twin: Path) -> None:
     assert mask.dtype == np.uint8
     assert int((mask == 1).sum()) == row["embolus_voxels"] > 0
     assert int((mask == 2).sum()) == row["calcification_voxels"]
+    # the anatomy map: same grid, the emboli inside the pulmonary arteries, a heart present
+    anatomy = truth.read_anatomy(tiny_twin, "pe", row["study_id"], reader="saliency")
+    assert anatomy.shape == mask.shape and anatomy.dtype == np.uint8
+    assert (anatomy[mask == 1] == truth.ANATOMY["pulmonary_arteries"]).all()
+    assert (anatomy == truth.ANATOMY["heart"]).sum() > 1000

@@ -138,6 +138,28 @@ class SlicePreprocess:
                                                antialias=True)
         return slices
 
+    def resample(self, values: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        """The geometry of ``__call__`` without its intensities: the same slabs, field of view
+        and resizing applied to any (z, y, x) array on the volume's grid (padding with 0, no
+        window, no air calibration). For a region's 0/1 indicator it gives the fraction of each
+        pixel of the encoder's input that lies in the region: float32 (n_slices, size, size).
+
+        >>> prep = SlicePreprocess(window_hu=(-125.0, 225.0), n_slices=2, size=4, fov_mm=None, slab_mm=None)
+        >>> prep.resample(np.ones((3, 8, 8)), (5.0, 1.0, 1.0)).shape
+        (2, 4, 4)
+        """
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim != 3:
+            raise ValueError(f"expected a (z, y, x) array, got shape {values.shape}")
+        selected = self._axial(values, spacing)
+        if self.fov_mm is not None:
+            selected = _square_fov(selected, float(spacing[1]), float(spacing[2]), self.fov_mm)
+        out = torch.from_numpy(np.ascontiguousarray(selected)).unsqueeze(1)
+        if out.shape[-2:] != (self.size, self.size):
+            out = nn.functional.interpolate(out, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        return out[:, 0].numpy()
+
     def _axial(self, hu: np.ndarray, spacing: tuple[float, float, float] | None) -> np.ndarray:
         """``n_slices`` axial slices at evenly spaced positions from the first to the last
         slice centre. With ``slab_mm`` each is the average of the slices within ``slab_mm`` of

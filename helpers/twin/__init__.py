@@ -9,7 +9,8 @@
     <out_dir>/<task>/images/site_b/<study_id>/<nnnn>.dcm
     <out_dir>/<task>/ground_truth/factors.parquet  latent factors and the true log-hazard
     <out_dir>/<task>/ground_truth/lesions.parquet  embolus / calcification voxel counts
-    <out_dir>/<task>/ground_truth/masks/<study_id>.npz   uint8 mask: 1 embolus, 2 calcium
+    <out_dir>/<task>/ground_truth/masks/<study_id>.npz   uint8 mask: 1 embolus, 2 calcium;
+                                                   and anatomy: 1 heart, 2 pulmonary arteries
     <out_dir>/<task>/twin.json                     parameters, counts, event rates, timing
 
 The sizes come from ``helpers.tasks.PROFILES`` (``tiny``, ``quick``, ``paper``); see

@@ -51,7 +51,8 @@ __all__ = ["GENERATOR_VERSION", "generate"]
 # 1.3.0: sizes from helpers.tasks.PROFILES (new ``tiny``; ``quick`` larger), a profile's floor
 # on the event rates, the ``interaction`` parameter. The ``paper`` profile's files are those
 # of 1.2.0.
-GENERATOR_VERSION = "1.3.0"
+# 1.4.0: each mask file also holds the anatomy map (heart, pulmonary arteries) for saliency.
+GENERATOR_VERSION = "1.4.0"
 
 
 def _image_jobs(

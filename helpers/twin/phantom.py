@@ -6,7 +6,8 @@ defects in the pulmonary arteries (``_pulmonary_arteries``), calcified plaques s
 heart's surface, and the right ventricle, arteries and heart widen with RV strain, PA
 dilation and cardiac dysfunction. ``_render_and_write`` (the worker that ``build`` submits to
 its process pool, so it stays a module-level function) writes the volume as NIfTI or a DICOM
-series and its mask (1 embolus, 2 calcium) under ``ground_truth/masks``.
+series and its mask (1 embolus, 2 calcium) with an anatomy map (``ANATOMY``: heart and
+ventricles, pulmonary arteries) under ``ground_truth/masks``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from helpers.imaging import Volume, write_dicom_series, write_nifti
+from helpers.truth import ANATOMY
 
 __all__: list[str] = []
 
@@ -27,7 +29,8 @@ __all__: list[str] = []
 def _render(
     rng: np.random.Generator, job: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
-    """Render one CT: (hu float32 (z, y, x), mask uint8, spacing mm, origin mm)."""
+    """Render one CT: (hu float32 (z, y, x), mask uint8 (1 embolus, 2 calcium), anatomy uint8
+    (``ANATOMY``: 1 heart with its ventricles, 2 pulmonary arteries), spacing mm, origin mm)."""
     nz, n = job["n_slices"], job["matrix"]
     sz, sp = job["slice_mm"], job["pixel_mm"]
     origin = (-(nz - 1) * sz / 2.0, -(n - 1) * sp / 2.0, -(n - 1) * sp / 2.0)
@@ -51,6 +54,7 @@ def _render(
 
     hu = np.full((nz, n, n), -1000.0, np.float32)
     mask = np.zeros((nz, n, n), np.uint8)
+    anatomy = np.zeros((nz, n, n), np.uint8)
     ax, ay = 150.0 * bs, 105.0 * bs
     fat = 8.0 + 12.0 * max(bs - 0.85, 0.0)
     hu[:, ell(0, 0, ax, ay)] = -100.0
@@ -74,7 +78,8 @@ def _render(
     # heart and ventricles (lower half of the range)
     heart_z = zr(-60.0, 22.0)
     hs = 1.0 + 0.1 * max(card, 0.0)
-    hu[heart_z & ell(18.0, -28.0, 52.0 * hs, 42.0 * hs)[None]] = 45.0
+    heart = heart_z & ell(18.0, -28.0, 52.0 * hs, 42.0 * hs)[None]
+    hu[heart] = 45.0
     r_lv = 17.0 * (1.0 + 0.12 * card)
     r_rv = 14.0 * (1.0 + 0.28 * rv)
     lv = heart_z & ell(34.0, -22.0, r_lv, r_lv * 0.9)[None]
@@ -94,6 +99,8 @@ def _render(
         artery |= _capsule(X3, Y3, Z, a, b, r)
     artery &= ~aorta
     hu[artery] = 320.0 if contrast else 40.0
+    anatomy[heart | lv | rvm] = ANATOMY["heart"]
+    anatomy[artery] = ANATOMY["pulmonary_arteries"]
     # spine
     hu[:, ell(0.0, 72.0 * bs, 19.0, 17.0)] = 800.0
     hu[:, ell(0.0, 72.0 * bs, 15.0, 13.0)] = 620.0
@@ -122,7 +129,7 @@ def _render(
     hu += job["hu_offset"]
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * job["noise_sd"]
     np.clip(hu, -1024.0, 3071.0, out=hu)
-    return hu, mask, (sz, sp, sp), origin
+    return hu, mask, anatomy, (sz, sp, sp), origin
 
 
 _Point = tuple[float, float, float]
@@ -222,7 +229,7 @@ def _capsule(
 def _render_and_write(job: dict[str, Any]) -> tuple[int, int, int]:
     """Worker: render one study, write the volume and its mask; (study index, voxels 1, 2)."""
     rng = np.random.default_rng([job["seed"], job["task_index"], job["study_index"]])
-    hu, mask, spacing, origin = _render(rng, job)
+    hu, mask, anatomy, spacing, origin = _render(rng, job)
     vol = Volume(hu=hu, spacing=spacing, origin=origin)
     root = Path(job["root"])
     if job["format"] == "nifti":
@@ -238,7 +245,7 @@ def _render_and_write(job: dict[str, Any]) -> tuple[int, int, int]:
             institution_name=job["institution_name"],
             series_description="CTA CHEST PE" if job["contrast"] else "CT CHEST WO",
         )
-    np.savez_compressed(root / "ground_truth" / "masks" / f"{job['study_id']}.npz", mask=mask)
+    np.savez_compressed(root / "ground_truth" / "masks" / f"{job['study_id']}.npz", mask=mask, anatomy=anatomy)
     return job["study_index"], int((mask == 1).sum()), int((mask == 2).sum())
 
 
