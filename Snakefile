@@ -211,10 +211,20 @@ def main_targets():
                 targets.append(f"{nb}/{task}/02_embeddings/{modality}-{name}.ipynb")
         targets += [f"{nb}/{task}/03_train/{r}/{f}/seed-{s}.ipynb" for r, f, s in grid(MAIN)]
         targets.append(f"{nb}/{task}/04_compare.ipynb")
+        targets += [f"{nb}/{task}/05_saliency/{r}/{f}/seed-{s}.ipynb" for r, f, s in saliency_runs()]
     targets.append(f"{nb}/results/05_results.ipynb")
     if SWEEP:
         targets.append(f"{nb}/results/06_imbalance.ipynb")
     return targets
+
+
+def saliency_runs():
+    """(ehr_repr, fusion, seed) of the saliency notebooks: the profile's saliency fusions in the
+    grid, each against image-only, for the grid's first EHR representation and seed."""
+    if "image_only" not in GRID_FUSIONS:
+        return []
+    fusions = [f for f in GRID_FUSIONS if f in PROFILE.saliency_fusions]
+    return [(GRID_REPRS[0], f, PROFILE.seeds[0]) for f in fusions]
 
 
 def _pretrained(manifest, modality, name):
@@ -381,6 +391,32 @@ rule compare:
         cmd=lambda wc, input, output: papermill(
             "04_compare.ipynb", output.notebook, task=wc.task, runs_dir=f"{OUT}/{wc.root}/runs",
             n_boot=200 if _is_sweep(wc.root) else 1000, manifest=input.manifest),
+    shell:
+        "{params.cmd}"
+
+
+rule saliency:
+    """Saliency maps of a fusion run against the image-only run of the same seed, and on the
+    twin their localisation on the lesion masks."""
+    input:
+        manifest=f"{R}/manifest.yaml",
+        notebook=f"{NOTEBOOKS}/05_saliency.ipynb",
+        code=CODE,
+        cohort=f"{R}/cohorts/{{task}}.parquet",
+        source=_source,
+        reference=f"{R}/runs/{{task}}/{UNIMODAL_IMAGE}/image_only/seed-{{seed}}/metrics.json",
+        run=f"{R}/runs/{{task}}/{{ehr_repr}}/{{fusion}}/seed-{{seed}}/metrics.json",
+    output:
+        record=f"{R}/saliency/{{task}}/{{ehr_repr}}/{{fusion}}/seed-{{seed}}/saliency.json",
+        notebook=f"{NB}/{{task}}/05_saliency/{{ehr_repr}}/{{fusion}}/seed-{{seed}}.ipynb",
+    resources:
+        gpu=_gpu,
+    params:
+        cmd=lambda wc, input, output: papermill(
+            "05_saliency.ipynb", output.notebook, task=wc.task, fusion=wc.fusion, ehr_repr=wc.ehr_repr,
+            seed=int(wc.seed), n_cases=PROFILE.saliency_cases, method=PROFILE.saliency_method,
+            runs_dir=f"{OUT}/{wc.root}/runs", output_dir=str(Path(output.record).parent), device=DEVICE,
+            manifest=input.manifest),
     shell:
         "{params.cmd}"
 

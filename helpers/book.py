@@ -25,7 +25,7 @@ __all__ = ["page_title", "sync_book", "build_book", "parse_rulegraph", "rulegrap
 
 PARAMETER_TAG = "injected-parameters"
 _STAGES = {"00_twin": 0, "01_cohort": 1, "02_pretrain": 2, "02_embeddings": 3, "03_train": 4, "04_compare": 5,
-           "05_results": 6, "06_imbalance": 7}
+           "05_saliency": 6, "05_results": 7, "06_imbalance": 8}
 
 
 def page_title(relative: Path) -> str:
@@ -35,6 +35,8 @@ def page_title(relative: Path) -> str:
     'Training: PE, Concatenation (onehot), seed 1'
     >>> page_title(Path("mace/02_embeddings/image-randconv.ipynb"))
     'Embeddings (image, randconv): MACE'
+    >>> page_title(Path("mace/05_saliency/onehot/cross_attention/seed-0.ipynb"))
+    'Saliency: MACE, Cross-attention (onehot) against image only'
     >>> page_title(Path("results/05_results.ipynb"))
     'Results: Table 1'
     """
@@ -58,6 +60,9 @@ def page_title(relative: Path) -> str:
         return f"Training: {task.upper()}, {label}, seed {seed.removeprefix('seed-')}"
     if stage == "04_compare":
         return f"Comparison: {title}"
+    if stage == "05_saliency":
+        ehr_repr, fusion, _ = rest
+        return f"Saliency: {task.upper()}, {STRATEGIES[fusion].label} ({ehr_repr}) against image only"
     raise ValueError(f"{relative}: not a notebook of the study")
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 __all__ = ["cohort_table", "km_by_group", "slice_strip", "embedding_pca", "learning_curves", "cindex_forest",
            "difference_forest", "calibration_plot", "km_by_risk_tertile", "pretraining_curves", "reconstruction_grid",
-           "probe_bars", "shareable"]
+           "probe_bars", "shareable", "png_with_alt"]
 
 
 def cohort_table(cohort: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
@@ -261,3 +261,21 @@ def shareable(value, base: Path | None = None):
             return path.relative_to(base).as_posix()
         return ".../" + "/".join(path.parts[-2:])
     return value
+
+
+def png_with_alt(fig: plt.Figure, path: Path, alt: str, *, dpi: int = 110):
+    """Save ``fig`` as the PNG ``path`` and return it as an HTML ``<img>`` with ``alt`` text
+    (the image inline, so the executed notebook and the book carry it): the way a figure of
+    the book gets a description for readers who cannot see it. Closes the figure."""
+    import base64
+    import html
+
+    from IPython.display import HTML
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return HTML(f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt, quote=True)}" '
+                f'style="max-width: 100%;">')

@@ -98,10 +98,12 @@ SALIENCY_FUSIONS: tuple[str, ...] = tuple(f for f in FUSIONS
 REFERENCE = "image_only"
 # Per task: region name -> its label in tables. ``lesion`` is the task's lesion mask;
 # ``cardiac_pa`` the heart (with its ventricles) and the pulmonary arteries, lesion excluded.
+# ``body`` (the patient, from the CT itself, so also on real data) is measured for every model.
 REGIONS: dict[str, dict[str, str]] = {
-    "pe": {"lesion": "emboli", "cardiac_pa": "heart and pulmonary arteries"},
-    "mace": {"lesion": "coronary calcium", "cardiac_pa": "heart and pulmonary arteries"},
+    "pe": {"lesion": "emboli", "cardiac_pa": "heart and pulmonary arteries", "body": "body"},
+    "mace": {"lesion": "coronary calcium", "cardiac_pa": "heart and pulmonary arteries", "body": "body"},
 }
+BODY_HU = -500.0  # tissue denser than this, with the lungs it encloses, is the body
 _LESION_LABEL = {"pe": 1, "mace": 2}  # helpers.truth.read_mask: 1 embolus, 2 calcium
 
 
@@ -341,6 +343,15 @@ def region_occupancy(region: np.ndarray, spacing: tuple[float, float, float], pr
     return np.clip(occupancy, 0.0, 1.0)
 
 
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient's body on each axial slice of a (z, y, x) HU volume: voxels denser than
+    ``BODY_HU`` with every hole they enclose filled (the lungs, the airways), bool."""
+    from scipy.ndimage import binary_fill_holes
+
+    dense = np.asarray(hu) > BODY_HU
+    return np.stack([binary_fill_holes(plane) for plane in dense])
+
+
 def localisation(attribution: np.ndarray, occupancy: np.ndarray) -> dict:
     """How much of one attribution map falls in a region given as per-pixel occupancy (both
     (T, S, S)): ``mass`` (share of the absolute attribution inside, each pixel counted by its
@@ -475,7 +486,8 @@ class SaliencySpec:
 class SaliencyResult:
     """What ``run_saliency`` made. ``maps[model]`` float32 (n_cases, T, S, S); ``slices``
     the encoder inputs (n_cases, T, S, S) in [0, 1]; ``regions[name]`` the occupancy maps
-    (None on real data); ``per_case`` one row per case, model and region; ``summary`` and
+    (``body`` always; ``lesion`` and ``cardiac_pa`` on the twin); ``per_case`` one row per
+    case, model and region; ``summary`` and
     ``paired`` from ``summarise``; ``randomisation`` one row per case and model; ``attention``
     (n_cases, T) or None; ``timing`` seconds per model; ``checks`` the weight digests and the
     recomputed-risk agreement."""
@@ -485,10 +497,10 @@ class SaliencyResult:
     counts: pd.DataFrame
     slices: np.ndarray
     maps: dict[str, np.ndarray]
-    regions: dict[str, np.ndarray] | None
-    per_case: pd.DataFrame | None
-    summary: pd.DataFrame | None
-    paired: pd.DataFrame | None
+    regions: dict[str, np.ndarray]
+    per_case: pd.DataFrame
+    summary: pd.DataFrame
+    paired: pd.DataFrame
     randomisation: pd.DataFrame | None
     attention: np.ndarray | None
     probability: dict[str, np.ndarray]
@@ -597,16 +609,15 @@ def run_saliency(spec: SaliencySpec) -> SaliencyResult:
         raise ValueError(f"the risk recomputed from the CT differs from the run's predictions by up to {worst:.2g}: "
                          "the encoder or its preprocessing is not the one the embeddings were made with")
 
-    regions = per_case = summary = paired = None
-    if spec.manifest.data.source == "synthetic":
-        regions = _twin_regions(spec, ids, volumes, preprocess)
-        rows = []
-        for name, m in maps.items():
-            for region, occ in regions.items():
-                for i in range(len(ids)):
-                    rows.append({"case": i + 1, "model": name, "region": region, **localisation(m[i], occ[i])})
-        per_case = pd.DataFrame(rows)
-        summary, paired = summarise(per_case, fusion=spec.fusion, n_boot=spec.n_boot, seed=spec.seed)
+    regions = _twin_regions(spec, ids, volumes, preprocess) if spec.manifest.data.source == "synthetic" else {}
+    regions["body"] = np.stack([region_occupancy(body_mask(v.hu), v.spacing, preprocess) for v in volumes])
+    rows = []
+    for name, m in maps.items():
+        for region, occ in regions.items():
+            for i in range(len(ids)):
+                rows.append({"case": i + 1, "model": name, "region": region, **localisation(m[i], occ[i])})
+    per_case = pd.DataFrame(rows)
+    summary, paired = summarise(per_case, fusion=spec.fusion, n_boot=spec.n_boot, seed=spec.seed)
     randomisation = None
     if spec.randomisation:
         randomisation = pd.DataFrame([{"case": i + 1, "model": name, "spearman": rank_correlation(maps[name][i], r[i])}
@@ -642,7 +653,7 @@ def _write(result: SaliencyResult, method: str, settings: dict, baseline: float)
     (out / "saliency.json").unlink(missing_ok=True)
     result.cases.assign(case=np.arange(1, len(result.cases) + 1)).to_csv(out / "cases.csv", index=False)
     for name in ("per_case", "summary", "paired", "randomisation"):
-        frame = getattr(result, name)
+        frame = getattr(result, name)  # only randomisation may be None
         target = out / ("localisation.csv" if name == "per_case" else f"{name}.csv")
         if frame is not None:
             frame.to_csv(target, index=False)
@@ -653,3 +664,158 @@ def _write(result: SaliencyResult, method: str, settings: dict, baseline: float)
     record = {"spec": spec, "method_used": method, "settings": settings, "baseline": baseline,
               "timing_seconds": result.timing, "checks": result.checks, "note": result.method_note}
     (out / "saliency.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures, tables and the reading (the notebook's display; no identifiers: cases are numbered)
+
+_METHOD_LABEL = {"gradient": "gradient", "smoothgrad": "SmoothGrad", "integrated_gradients": "integrated gradients",
+                 "occlusion": "occlusion"}
+
+
+def _shown_slice(result: SaliencyResult, i: int) -> int:
+    """The slice of case ``i`` to show: the one with most of the task's lesion, else the one
+    where the fusion's attribution is largest."""
+    if "lesion" in result.regions and result.regions["lesion"][i].sum() > 0:
+        return int(result.regions["lesion"][i].sum(axis=(1, 2)).argmax())
+    return int(np.abs(result.maps[result.spec.fusion][i]).sum(axis=(1, 2)).argmax())
+
+
+def saliency_figure(result: SaliencyResult, *, n_show: int = 4, method: str | None = None):
+    """The paper's Figure 2 for this run: for the ``n_show`` highest-risk cases, one slice in
+    the task's window, then the image-only and the fusion map over it (absolute attribution,
+    each map scaled to its own 99.5th percentile), titled with each model's predicted
+    probability P of the event by the horizon. On the twin the lesion is outlined (red) and
+    the heart and pulmonary arteries (cyan). Returns (figure, alt text)."""
+    import matplotlib.pyplot as plt
+
+    spec = result.spec
+    task = get_task(spec.task)
+    label = get_strategy(spec.fusion).label
+    models = [(REFERENCE, "Image only"), (spec.fusion, label)]
+    n = min(n_show, len(result.cases))
+    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.5 * n), squeeze=False)
+    for i in range(n):
+        k = _shown_slice(result, i)
+        ct = result.slices[i, k]
+        axes[i, 0].imshow(ct, cmap="gray", vmin=0, vmax=1)
+        axes[i, 0].set_title(f"case {i + 1}, slice {k + 1} of {result.slices.shape[1]}", fontsize=8)
+        for j, (name, title) in enumerate(models, start=1):
+            m = np.abs(result.maps[name][i, k])
+            scale = float(np.quantile(np.abs(result.maps[name][i]), 0.995)) or 1.0
+            axes[i, j].imshow(ct, cmap="gray", vmin=0, vmax=1)
+            axes[i, j].imshow(np.ma.masked_less(m / scale, 0.15), cmap="inferno", vmin=0, vmax=1, alpha=0.75)
+            axes[i, j].set_title(f"{title}: P = {result.probability[name][i]:.2f}", fontsize=8)
+        if "lesion" in result.regions:
+            for ax in axes[i]:
+                for region, colour in (("cardiac_pa", "cyan"), ("lesion", "red")):
+                    if result.regions[region][i, k].max() > 0.25:
+                        ax.contour(result.regions[region][i, k], levels=[0.25], colors=colour, linewidths=0.6)
+        for ax in axes[i]:
+            ax.axis("off")
+    method = _METHOD_LABEL[method or spec.method]
+    outline = (f"; outlined: {REGIONS[spec.task]['lesion']} (red), heart and pulmonary arteries (cyan)"
+               if "lesion" in result.regions else "")
+    fig.suptitle(f"{spec.task.upper()}: {method} saliency, image only vs {label}\n"
+                 f"P: predicted probability of the event within {task.horizon_days} days{outline}", fontsize=9)
+    fig.tight_layout()
+    risks = lambda name: ", ".join(f"{p:.2f}" for p in result.probability[name][:n])  # noqa: E731
+    alt = (f"{n} rows, one per high-risk {spec.task.upper()} patient who had the event: an axial CT slice in the "
+           f"task's window, then the {method} saliency map of the image-only model and of the {label} model "
+           f"over it. Predicted event probabilities, image only: {risks(REFERENCE)}; {label}: {risks(spec.fusion)}.")
+    if "lesion" in result.regions:
+        mass = result.per_case[result.per_case["region"] == "lesion"].groupby("model", sort=False)["mass"].mean()
+        alt += (f" Mean share of the map on the {REGIONS[spec.task]['lesion']} over all {len(result.cases)} cases: "
+                f"image only {mass.get(REFERENCE, np.nan):.1%}, {label} {mass.get(spec.fusion, np.nan):.1%}.")
+    return fig, alt
+
+
+def attention_figure(result: SaliencyResult, *, n_show: int = 4):
+    """Attention strategies with EHR queries over slice tokens: the attention weight of each
+    slice (bars) next to the share of the task's lesion on that slice (line, on the twin), for
+    the first ``n_show`` cases. None for a strategy without such attention. Returns (figure,
+    alt text) or None."""
+    import matplotlib.pyplot as plt
+
+    if result.attention is None:
+        return None
+    n = min(n_show, len(result.cases))
+    t = result.attention.shape[1]
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.4), squeeze=False, sharey=True)
+    lesion_label = REGIONS[result.spec.task]["lesion"]
+    for i in range(n):
+        ax = axes[0, i]
+        ax.bar(np.arange(1, t + 1), result.attention[i], color="#3367d6", label="attention")
+        ax.axhline(1.0 / t, color="0.5", lw=0.8, ls="--", label="uniform")
+        if "lesion" in result.regions:
+            per_slice = result.regions["lesion"][i].sum(axis=(1, 2))
+            if per_slice.sum() > 0:
+                ax.plot(np.arange(1, t + 1), per_slice / per_slice.sum(), color="red", lw=1.2,
+                        label=f"share of {lesion_label}")
+        ax.set_title(f"case {i + 1}", fontsize=8)
+        ax.set_xlabel("slice", fontsize=8)
+    axes[0, 0].set_ylabel("weight", fontsize=8)
+    axes[0, -1].legend(fontsize=7)
+    fig.suptitle(f"{get_strategy(result.spec.fusion).label}: EHR queries' attention over the CT's slices", fontsize=9)
+    fig.tight_layout()
+    alt = (f"Bar charts for {n} cases: the attention weight the EHR tokens give each of the {t} slice tokens, "
+           f"against a uniform 1/{t}" + (f", with the share of the {lesion_label} on each slice as a line."
+                                          if "lesion" in result.regions else "."))
+    return fig, alt
+
+
+def attention_table(result: SaliencyResult) -> pd.DataFrame | None:
+    """Per case: the attention mass on the slices that hold the task's lesion, the share of
+    slices that do (what uniform attention gives), and the rank correlation between a slice's
+    attention and its amount of lesion. None without slice attention or without truth."""
+    from scipy.stats import spearmanr
+
+    if result.attention is None or "lesion" not in result.regions:
+        return None
+    rows = []
+    for i in range(len(result.cases)):
+        lesion = result.regions["lesion"][i].sum(axis=(1, 2))
+        has = lesion > 0
+        if not has.any():
+            rows.append({"case": i + 1, "attention on lesion slices": np.nan, "share of slices": 0.0,
+                         "spearman": np.nan})
+            continue
+        rho = spearmanr(result.attention[i], lesion).statistic if has.sum() < len(has) or np.ptp(lesion) > 0 else np.nan
+        rows.append({"case": i + 1, "attention on lesion slices": float(result.attention[i][has].sum()),
+                     "share of slices": float(has.mean()), "spearman": float(rho)})
+    return pd.DataFrame(rows)
+
+
+def summary_table(result: SaliencyResult) -> pd.DataFrame:
+    """The localisation summary for display: per model and region, the cases measured, the
+    mean mass share and pointing-game hit rate with 95% CIs, the region's area share and the
+    enrichment."""
+    labels = {REFERENCE: "Image only", result.spec.fusion: get_strategy(result.spec.fusion).label}
+    regions = REGIONS[result.spec.task]
+    pct = lambda r, k: f"{r[k]:.1%} [{r[k + '_lower']:.1%}, {r[k + '_upper']:.1%}]"  # noqa: E731
+    return pd.DataFrame([{"model": labels[r["model"]], "region": regions[r["region"]], "cases": int(r["cases"]),
+                          "mass inside (95% CI)": pct(r, "mass"), "area share": f"{r['area']:.1%}",
+                          "enrichment": f"{r['enrichment']:.1f}x", "pointing game (95% CI)": pct(r, "hit")}
+                         for _, r in result.summary.iterrows()])
+
+
+def reading(result: SaliencyResult) -> str:
+    """What the measured localisation says, in a sentence per region, whichever way it goes."""
+    if result.paired.empty:
+        return "No localisation was measured (fewer than two cases)."
+    label = get_strategy(result.spec.fusion).label
+    lines = [] if "lesion" in result.regions else ["No lesion masks (real data): only the share inside the body."]
+    for _, r in result.paired[result.paired["measure"] == "mass"].iterrows():
+        region = REGIONS[result.spec.task][r["region"]]
+        region = "body" if r["region"] == "body" else region
+        if r["lower"] > 0:
+            verdict = f"{label} puts more of its attribution on the {region} than image-only"
+        elif r["upper"] < 0:
+            verdict = f"{label} puts less of its attribution on the {region} than image-only"
+        else:
+            verdict = f"no difference between {label} and image-only on the {region} is shown"
+        lines.append(f"- **{region}**: {r['fusion']:.1%} of the {label} map against {r['image_only']:.1%} of "
+                     f"the image-only map (difference {r['difference']:+.1%}, 95% CI [{r['lower']:+.1%}, "
+                     f"{r['upper']:+.1%}], paired bootstrap p = {r['p_value']:.3f}, {int(r['cases'])} cases): "
+                     f"{verdict}.")
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import papermill
 import pytest
@@ -22,6 +23,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from helpers.compare import ORACLE
 from helpers.manifest import load
+from helpers.saliency import SALIENCY_FUSIONS
 from helpers.tasks import EHR_REPRS, FUSIONS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +96,40 @@ def test_results_are_numbers_with_the_oracle_as_a_reference_row(study):
     assert params["fusion"] == "concat" and len(params["inputs_sha256"]) == 3
     assert params["image_embeddings"].endswith("image-randconv.parquet"), "the manifest's first image encoder"
     assert not Path(params["cohort_path"]).is_absolute(), "the workflow passes paths relative to its folder"
+
+
+def test_saliency_ran_for_each_fusion_against_image_only(study):
+    root = study["root"]
+    for fusion in ("concat", "cross_attention"):
+        folder = root / "saliency" / "pe" / "onehot" / fusion / "seed-0"
+        record = json.loads((folder / "saliency.json").read_text())
+        assert record["method_used"] == "smoothgrad" and record["spec"]["n_cases"] == 6
+        assert all(record["checks"]["weights_unchanged"].values())
+        assert max(record["checks"]["risk_agreement"].values()) < 1e-4, "the risk from the CT is the run's risk"
+        summary = pd.read_csv(folder / "summary.csv")
+        assert set(summary["model"]) == {"image_only", fusion}
+        assert set(summary["region"]) == {"lesion", "cardiac_pa", "body"}
+        assert summary["mass"].between(0, 1).all() and (summary["mass_lower"] <= summary["mass_upper"]).all()
+        paired = pd.read_csv(folder / "paired.csv")
+        assert set(paired["measure"]) == {"mass", "hit"} and paired["p_value"].between(0, 1).all()
+        assert pd.read_csv(folder / "randomisation.csv")["spearman"].between(-1, 1).all()
+        with np.load(folder / "attributions.npz") as maps:
+            assert maps[fusion].shape == (6, 16, 64, 64)
+        assert (folder / "saliency.png").stat().st_size > 10_000
+    assert (root / "saliency" / "pe" / "onehot" / "cross_attention" / "seed-0" / "attention.png").is_file()
+    page = (study["folder"] / "book" / "_build" / "html" / "generated" / "pe" / "05_saliency" / "onehot"
+            / "cross_attention" / "seed-0.html").read_text()
+    assert '<img src="data:image/png;base64,' in page and 'alt="4 rows, one per high-risk PE patient' in page
+
+
+def test_saliency_stops_in_its_first_cell_on_a_bad_method(study, tmp_path):
+    with pytest.raises(PapermillExecutionError, match=r"parameter 'method': unknown value 'lime'; expected one of "
+                                                      r"gradient, smoothgrad, integrated_gradients, occlusion"):
+        papermill.execute_notebook(
+            str(PROJECT_ROOT / "notebooks" / "05_saliency.ipynb"), str(tmp_path / "out.ipynb"),
+            parameters={"task": "pe", "fusion": "concat", "method": "lime", "manifest": "nowhere.yaml"},
+            kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+        )
 
 
 def test_no_identifier_date_or_build_path_reaches_the_book(study):
@@ -169,7 +205,7 @@ def test_the_dry_run_plans_the_grid_from_the_registry(tmp_path):
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats"):], flags=re.M))
     runs = len(FUSIONS) * len(EHR_REPRS) - (len(EHR_REPRS) - 1)  # image_only once, without EHR
     expected = {"twin": 2, "cohort": 2, "pretrain": 2, "embeddings": 4 + 2, "train": runs + len(FUSIONS), "compare": 2,
-                "results": 1, "imbalance": 1, "all": 1}
+                "saliency": len(SALIENCY_FUSIONS), "results": 1, "imbalance": 1, "all": 1}
     assert {k: int(v) for k, v in stats.items()} == {**expected, "total": sum(expected.values())}
     trains = [line for line in out.splitlines() if line.startswith("Shell command: papermill") and "notebooks/03_train.ipynb" in line]
     assert len(trains) == runs + len(FUSIONS)
