@@ -63,7 +63,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from helpers.tasks import FUSIONS, UNIMODAL_IMAGE, ParameterError, check_choice, get_strategy, get_task
+from helpers.tasks import (
+    FUSIONS,
+    UNIMODAL_IMAGE,
+    ParameterError,
+    check_choice,
+    get_strategy,
+    get_task,
+)
 
 __all__ = [
     "METHODS",
