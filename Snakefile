@@ -424,6 +424,8 @@ rule saliency:
 rule results:
     input:
         tables=expand(f"{OUT}/{MAIN}/comparisons/{{task}}/cindex.csv", task=GRID_TASKS),
+        saliency=[f"{OUT}/{MAIN}/saliency/{t}/{r}/{f}/seed-{s}/saliency.json" for t in GRID_TASKS
+                  for r, f, s in saliency_runs()],
         manifest=f"{OUT}/{MAIN}/manifest.yaml",
         notebook=f"{NOTEBOOKS}/05_results.ipynb",
         code=CODE,
@@ -432,7 +434,7 @@ rule results:
         notebook=f"{OUT}/{MAIN}/notebooks/results/05_results.ipynb",
     params:
         cmd=lambda wc, input, output: papermill("05_results.ipynb", output.notebook, runs_dir=f"{OUT}/{MAIN}/runs",
-                                                manifest=input.manifest),
+                                                saliency_dir=f"{OUT}/{MAIN}/saliency", manifest=input.manifest),
     shell:
         "{params.cmd}"
 

@@ -826,3 +826,58 @@ def reading(result: SaliencyResult) -> str:
                      f"{r['upper']:+.1%}], paired bootstrap p = {r['p_value']:.3f}, {int(r['cases'])} cases): "
                      f"{verdict}.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Across runs (the results chapter)
+
+
+def collect(saliency_root: str | Path) -> pd.DataFrame:
+    """Every finished saliency run under ``saliency_root`` (``<task>/<ehr_repr>/<fusion>/
+    seed-<n>/``, finished = ``saliency.json`` written): one row per run, region and model
+    pair with the mass share of image-only and of the fusion with their 95% CIs, the paired
+    difference with its CI and p-value, the pointing-game rates and the method used."""
+    rows = []
+    for record in sorted(Path(saliency_root).glob("*/*/*/seed-*/saliency.json")):
+        folder = record.parent
+        task, ehr_repr, fusion = folder.parts[-4:-1]
+        meta = json.loads(record.read_text())
+        summary = pd.read_csv(folder / "summary.csv").set_index(["model", "region"])
+        paired = pd.read_csv(folder / "paired.csv").set_index(["region", "measure"])
+        for region in summary.index.get_level_values("region").unique():
+            if (region, "mass") not in paired.index:
+                continue
+            mass, hit = paired.loc[(region, "mass")], paired.loc[(region, "hit")]
+            ref, fus = summary.loc[(REFERENCE, region)], summary.loc[(fusion, region)]
+            rows.append({"task": task, "ehr_repr": ehr_repr, "fusion": fusion, "seed": int(folder.name[5:]),
+                         "method": meta["method_used"], "region": region, "cases": int(mass["cases"]),
+                         "image_only": ref["mass"], "image_only_lower": ref["mass_lower"],
+                         "image_only_upper": ref["mass_upper"], "fusion_mass": fus["mass"],
+                         "fusion_lower": fus["mass_lower"], "fusion_upper": fus["mass_upper"],
+                         "difference": mass["difference"], "lower": mass["lower"], "upper": mass["upper"],
+                         "p_value": mass["p_value"], "area": fus["area"], "hit_image_only": hit["image_only"],
+                         "hit_fusion": hit["fusion"]})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    from helpers.tasks import TASKS
+
+    order = (frame["task"].map(list(TASKS).index) * 10_000 + frame["fusion"].map(FUSIONS.index) * 100
+             + frame.apply(lambda r: list(REGIONS[r["task"]]).index(r["region"]), axis=1))
+    return frame.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def localisation_table(collected: pd.DataFrame) -> pd.DataFrame:
+    """``collect``'s rows for display: per task, strategy and region, the share of attribution
+    mass inside for image-only and the fusion (95% CI), the paired difference (95% CI, p) and
+    the region's area share (what a uniform map scores)."""
+    if collected.empty:
+        return pd.DataFrame()
+    pct = lambda v, lo, hi: f"{v:.2%} [{lo:.2%}, {hi:.2%}]"  # noqa: E731
+    return pd.DataFrame([{
+        "task": r["task"].upper(), "strategy": f"{get_strategy(r['fusion']).label} ({r['ehr_repr']})",
+        "region": REGIONS[r["task"]][r["region"]], "cases": r["cases"], "area share": f"{r['area']:.2%}",
+        "image only": pct(r["image_only"], r["image_only_lower"], r["image_only_upper"]),
+        "fusion": pct(r["fusion_mass"], r["fusion_lower"], r["fusion_upper"]),
+        "fusion - image only": f"{r['difference']:+.2%} [{r['lower']:+.2%}, {r['upper']:+.2%}]",
+        "p": f"{r['p_value']:.3f}"} for _, r in collected.iterrows()])
