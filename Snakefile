@@ -112,14 +112,22 @@ def grid(root):
     EHR representations and one seed. It depends on the folder only, never on which study
     asked for it."""
     if not _is_sweep(root):
-        profile = PROFILES[Setting.from_label(root).profile] if root != MAIN else PROFILE
-        return grid_runs(GRID_REPRS, GRID_FUSIONS, profile.seeds)
+        return grid_runs(GRID_REPRS, GRID_FUSIONS, _profile(root).seeds)
     sweep_reprs = tuple(r for r in PROFILES[Setting.from_label(root).profile].sweep_ehr_reprs if r in GRID_REPRS)
     return grid_runs(sweep_reprs or GRID_REPRS[:1], GRID_FUSIONS, (0,))
 
 
+def _profile(root):
+    """The profile a root was made with (real data: the paper's grid)."""
+    if not SYNTHETIC or root == MAIN:
+        return PROFILE
+    return PROFILES[Setting.from_label(root).profile]
+
+
 def image_encoders(root):
-    return (FUSION_IMAGE,) if _is_sweep(root) else IMAGE_ENCODERS
+    """The image encoders extracted at ``root``: the fusion models' own, and where the profile
+    probes them (and not in the imbalance study) the manifest's others."""
+    return IMAGE_ENCODERS if _profile(root).probe_encoders and not _is_sweep(root) else (FUSION_IMAGE,)
 
 
 def ehr_encoders(root):

@@ -176,6 +176,8 @@ class Profile:
     imbalance study (the same rules at other settings; ``()`` for none), which trains
     ``sweep_ehr_reprs`` only. ``short_pretraining``: the built-in foundation models pretrain
     for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
+    ``probe_encoders``: also extract (and pretrain) the manifest's other image encoders, which
+    the embeddings chapter probes but no model trains on (the fusion models use the first).
     ``saliency_fusions``: the fusions whose saliency the study compares with image-only
     (``notebooks/05_saliency.ipynb``, for the grid's first EHR representation and seed), on
     ``saliency_cases`` cases per task with ``saliency_method``.
@@ -190,6 +192,7 @@ class Profile:
     sweep_shares: tuple[float, ...]
     sweep_ehr_reprs: tuple[str, ...] = ("onehot",)
     short_pretraining: bool = False
+    probe_encoders: bool = True
     saliency_fusions: tuple[str, ...] = ("concat", "contrastive", "cross_attention", "coattn_image_guided",
                                          "coattn_ehr_guided")
     saliency_cases: int = 16
@@ -204,7 +207,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("quick", "a few hundred studies per task, teaching event rates: a workshop's coffee break",
             {"pe": {"internal": 450, "external": 120}, "mace": {"internal": 440, "external": 120}},
             min_event_rate=0.4, seeds=(0,), sweep_profile="quick", sweep_shares=(), short_pretraining=True,
-            saliency_fusions=("cross_attention",)),
+            probe_encoders=False, saliency_fusions=("cross_attention",)),
     Profile("paper", "the paper's cohort sizes and event rates, three training seeds",
             {"pe": {"internal": 4197, "external": 435}, "mace": {"internal": 3788, "external": 682}},
             min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0)),

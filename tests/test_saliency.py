@@ -246,3 +246,30 @@ def test_summaries_match_a_direct_bootstrap() -> None:
     assert concat["mass_lower"] < concat["mass"] < concat["mass_upper"]
     mass = paired.set_index("measure").loc["mass"]
     assert mass["difference"] == pytest.approx(0.2, abs=0.05) and mass["lower"] > 0 and mass["p_value"] < 0.05
+
+
+def test_saliency_reaches_the_voxels_through_a_transformers_backbone(tmp_path) -> None:
+    """The same path through an ``hf`` encoder (a tiny local ViT): attributions of the input's
+    shape, the encoder unchanged."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from helpers.encoders import image_encoder
+    from helpers.manifest import EncoderSpec
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                      image_std=[0.25] * 3).save_pretrained(tmp_path / "vit")
+    encoder = image_encoder("vit", EncoderSpec(kind="hf", path=tmp_path / "vit"))
+    model = build_model("concat", encoder.dim, 4)
+    slices = torch.rand((2, 3, 1, 32, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pooled = torch.stack([encoder(v) for v in slices]).mean(1)
+    ehr = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    model.fit_standardisation(pooled, ehr)
+    risk = S.CTRisk(encoder, model.eval().requires_grad_(False))
+    before = S.weights_digest(encoder)
+    maps = S.attribute(risk, slices, ehr, method="integrated_gradients", baseline=0.0, n_steps=8)
+    assert maps.shape == (2, 3, 32, 32) and maps.abs().sum() > 0
+    assert S.weights_digest(encoder) == before
