@@ -4,10 +4,16 @@ Format (DESIGN.md): ``study_id`` (string), ``embedding`` (fixed-size list of flo
 optional ``tokens`` (list of fixed-size lists of float32, e.g. one per CT slice). The parquet
 schema metadata key ``helpers`` holds JSON describing the encoder, its checkpoint hash and the
 preprocessing parameters.
+
+An image encoder leaves out a study whose CT cannot be read; such studies are listed, with
+the reason, in a CSV file next to the table (``exclusions_path``; columns
+``EXCLUSION_COLUMNS``), and counted in the table's metadata. Training marks a cohort study
+absent from the table as missing that modality (``helpers.training.split_arrays``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +22,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["EmbeddingTable", "EmbeddingError", "write_embeddings", "read_embeddings", "embedding_path"]
+__all__ = [
+    "EXCLUSION_COLUMNS",
+    "EmbeddingTable",
+    "EmbeddingError",
+    "write_embeddings",
+    "read_embeddings",
+    "embedding_path",
+    "exclusions_path",
+    "write_exclusions",
+]
 
 _META_KEY = b"helpers"
+# One row per study an extraction left out: its id, the image it could not read, the class
+# of the error and its message (which names the file or folder and what was expected).
+EXCLUSION_COLUMNS = ("study_id", "image_path", "error", "reason")
 
 
 class EmbeddingError(ValueError):
@@ -75,6 +93,35 @@ class EmbeddingTable:
 def embedding_path(run_root: Path, task: str, modality: str, encoder: str) -> Path:
     """``<run_root>/embeddings/<task>/<modality>-<encoder>.parquet``."""
     return Path(run_root) / "embeddings" / task / f"{modality}-{encoder}.parquet"
+
+
+def exclusions_path(table: Path) -> Path:
+    """The studies left out of the embedding table ``table``, next to it:
+    ``<run_root>/embeddings/<task>/<modality>-<encoder>.exclusions.csv``.
+
+    >>> exclusions_path(Path("out/embeddings/pe/image-randconv.parquet")).as_posix()
+    'out/embeddings/pe/image-randconv.exclusions.csv'
+    """
+    table = Path(table)
+    return table.with_name(f"{table.stem}.exclusions.csv")
+
+
+def write_exclusions(table: Path, rows: list[dict]) -> Path:
+    """Write the exclusions of the embedding table ``table`` (``exclusions_path``): one CSV
+    row per dict of ``rows`` with the keys ``EXCLUSION_COLUMNS``; a header only when none was
+    left out. Written atomically; returns the path."""
+    path = exclusions_path(table)
+    for i, row in enumerate(rows):
+        if set(row) != set(EXCLUSION_COLUMNS):
+            raise EmbeddingError(f"'rows'[{i}]: expected the keys {', '.join(EXCLUSION_COLUMNS)}, got {', '.join(row)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=EXCLUSION_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
 
 
 def write_embeddings(

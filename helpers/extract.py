@@ -6,6 +6,13 @@
 study and writes ``embeddings/<task>/<modality>-<name>.parquet`` (DESIGN.md format) with the
 encoder, its checkpoint hash and its preprocessing in the table's metadata. A ``table`` entry
 (bring your own embeddings) is checked against the cohort and copied in.
+
+An image encoder leaves out a study whose CT cannot be read (``load_volume`` refuses it, or the
+file is gone) and goes on: the study is absent from the table, listed with its reason in
+``<modality>-<name>.exclusions.csv`` next to it (``helpers.embeddings.exclusions_path``;
+identifiers, so not for the book), and counted by error class in the table's metadata
+(``excluded``). Training then treats its image as missing. If no study can be read, the
+extraction stops with the first reasons.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +29,14 @@ import numpy as np
 import pandas as pd
 
 from helpers import cohort as hc
-from helpers.embeddings import EmbeddingError, embedding_path, read_embeddings, write_embeddings
+from helpers.embeddings import (
+    EmbeddingError,
+    embedding_path,
+    exclusions_path,
+    read_embeddings,
+    write_embeddings,
+    write_exclusions,
+)
 from helpers.manifest import (
     PRETRAINED_KINDS,
     EncoderSpec,
@@ -39,7 +54,12 @@ MODALITIES = ("image", "ehr")
 
 @dataclass
 class Extraction:
-    """What ``extract`` did: the table path, the encoder's description, counts and timings."""
+    """What ``extract`` did: the table path, the encoder's description, counts and timings.
+
+    ``n_studies``: studies in the table. ``excluded``: the studies an image encoder left out
+    because their CT could not be read, one dict each with the keys
+    ``helpers.embeddings.EXCLUSION_COLUMNS`` (also written to ``exclusions``, the CSV next to
+    the table; None for encoders that read no images)."""
 
     path: Path
     modality: str
@@ -50,6 +70,8 @@ class Extraction:
     seconds: float
     metadata: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    excluded: list[dict] = field(default_factory=list)
+    exclusions: Path | None = None
 
 
 def encoder_spec(manifest: Manifest, modality: str, name: str) -> EncoderSpec:
@@ -116,7 +138,9 @@ def require_meds(manifest: Manifest, task: str) -> Path:
 
 
 def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, paths: dict, *,
-           device: str, batch_size: int, num_workers: int, progress: Callable | None) -> tuple:
+           device: str, batch_size: int, num_workers: int, progress: Callable | None, excluded: list[dict]) -> tuple:
+    """Encode the cohort's CTs; a study whose CT cannot be read is left out of the returned
+    ids and rows, and appended to ``excluded`` (dicts with ``EXCLUSION_COLUMNS``)."""
     from helpers.encoders import SlicePreprocess, VolumeDataset, encode_volumes, image_encoder
 
     checkpoint, sha = checkpoint_for(manifest, task, name, spec)
@@ -129,11 +153,18 @@ def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: 
     preprocess = SlicePreprocess(window_hu=get_task(task).window_hu, size=model.input_size)
     dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess)
     stats: dict = {}
+    unreadable: list = []
     embedding, tokens = encode_volumes(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
-                                       progress=progress, stats=stats)
+                                       progress=progress, stats=stats, excluded=unreadable)
+    left_out = {err.study_id for err in unreadable}
+    excluded.extend({"study_id": err.study_id, "image_path": err.path, "error": err.error, "reason": err.reason}
+                    for err in unreadable)
+    table = embedding_path(manifest.run_root, task, "image", name)
     metadata = {"encoder": name, "kind": spec.kind, "modality": "image", "checkpoint": str(checkpoint) if checkpoint else None,
-                "checkpoint_sha256": sha, "model": model.describe(), "preprocessing": preprocess.describe(), "frozen": True}
-    return list(cohort["study_id"]), embedding, tokens, metadata, stats
+                "checkpoint_sha256": sha, "model": model.describe(), "preprocessing": preprocess.describe(), "frozen": True,
+                "excluded": {"studies": len(unreadable), "by_error": dict(Counter(err.error for err in unreadable)),
+                             "file": exclusions_path(table).name}}
+    return [s for s in cohort["study_id"] if s not in left_out], embedding, tokens, metadata, stats
 
 
 def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, *, device: str,
@@ -210,7 +241,11 @@ def _table(manifest: Manifest, modality: str, name: str, spec: EncoderSpec, coho
 def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: str = "cpu", batch_size: int = 16,
             num_workers: int = 0, progress: Callable | None = None) -> Extraction:
     """Encode every study of ``task``'s cohort with encoder ``name`` of ``modality`` and write
-    the embedding table. Returns an ``Extraction`` (path, description, counts, timings)."""
+    the embedding table. Returns an ``Extraction`` (path, description, counts, timings).
+
+    An image encoder (not ``kind: table``) leaves out the studies whose CT cannot be read and
+    writes them with their reasons to the exclusions CSV next to the table (a header only when
+    none was left out), before the table; ``Extraction.excluded`` lists them."""
     get_task(task)
     check_choice("device", device.split(":")[0], ("cpu", "cuda"))
     if batch_size < 1:
@@ -219,18 +254,23 @@ def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: 
     paths = hc.cohort_paths(manifest, task)
     cohort = hc.read_cohort(paths["cohort"])
     started = time.perf_counter()
+    excluded: list[dict] = []
+    reads_images = modality == "image" and spec.kind != "table"
     if spec.kind == "table":
         ids, embedding, tokens, metadata, stats = _table(manifest, modality, name, spec, cohort)
     elif modality == "image":
         ids, embedding, tokens, metadata, stats = _image(manifest, task, name, spec, cohort, paths, device=device,
                                                           batch_size=batch_size, num_workers=num_workers,
-                                                          progress=progress)
+                                                          progress=progress, excluded=excluded)
     else:
         ids, embedding, tokens, metadata, stats = _ehr(manifest, task, name, spec, cohort, device=device,
                                                         progress=progress)
     seconds = time.perf_counter() - started
     metadata["cohort_sha256"] = sha256_path(paths["cohort"])
-    out = write_embeddings(embedding_path(manifest.run_root, task, modality, name), ids, np.asarray(embedding),
-                           tokens=tokens, metadata=metadata)
+    table = embedding_path(manifest.run_root, task, modality, name)
+    exclusions = write_exclusions(table, excluded) if reads_images else None
+    if not reads_images:
+        exclusions_path(table).unlink(missing_ok=True)  # left by an earlier encoder of that name
+    out = write_embeddings(table, ids, np.asarray(embedding), tokens=tokens, metadata=metadata)
     return Extraction(out, modality, name, spec.kind, len(ids), int(np.asarray(embedding).shape[1]), seconds,
-                      metadata, stats)
+                      metadata, stats, excluded, exclusions)

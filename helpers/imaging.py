@@ -6,8 +6,12 @@ A :class:`Volume` holds a CT in the patient's LPS frame (DICOM convention): arra
 
 ``load_volume`` reads either format into that frame; ``write_nifti`` and
 ``write_dicom_series`` write it back (int16 NIfTI with a RAS affine; one uncompressed CT Image
-Storage file per slice). ``window`` maps HU to ``[0, 1]`` for numpy arrays and torch tensors; ``air_offset`` estimates a
-scan's HU calibration error from the air around the patient.
+Storage file per slice). From a DICOM folder as archives hold them (several series, a
+localizer, slices in any in-plane orientation, compressed pixel data) it reads the primary
+axial series, sorted along the slice normal, and refuses a series with a missing slice or
+uneven spacing (``SliceSpacingError``) rather than resampling it. ``window`` maps HU to
+``[0, 1]`` for numpy arrays and torch tensors; ``air_offset`` estimates a scan's HU
+calibration error from the air around the patient.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -38,6 +43,7 @@ from pydicom.uid import (
 __all__ = [
     "AIR_HU",
     "IMAGING_INDEX_COLUMNS",
+    "SliceSpacingError",
     "Volume",
     "VolumeFormatError",
     "air_offset",
@@ -71,8 +77,28 @@ _AIR_THRESHOLD_HU = -900.0
 _AIR_MIN_SHARE = 0.25
 
 
+# DICOM series (see ``load_volume``): a plane is axial when its row and column directions
+# are each within this many degrees of the patient's x or y axis; the slices of a series
+# share one orientation when their direction cosines differ by at most _ORIENTATION_ATOL.
+_AXIAL_TOLERANCE_DEG = 5.0
+_ORIENTATION_ATOL = 1e-3
+# Steps between slice positions along the normal, in median steps: over _GAP_FACTOR is a
+# missing slice, more than _STEP_TOLERANCE away from 1 is non-uniform spacing; positions
+# closer than _REPEATED_MM (mm) are the same position.
+_GAP_FACTOR = 1.5
+_STEP_TOLERANCE = 0.10
+_REPEATED_MM = 0.01
+
+
 class VolumeFormatError(ValueError):
     """A file or folder exists but does not hold a usable CT volume; the message names it."""
+
+
+class SliceSpacingError(VolumeFormatError):
+    """A DICOM series whose slices are not evenly spaced along their normal: a missing slice
+    (a step over 1.5 median steps) or a step more than 10% from the median step. Such a study
+    is refused with this reason rather than resampled; the message names the folder, the two
+    files and positions around the step, and the median step in mm."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +108,15 @@ class Volume:
     ``hu``: float32 array, shape ``(z, y, x)``, HU (air about -1000, water 0, bone > 300).
     ``spacing``: voxel size ``(z, y, x)`` in mm, all > 0.
     ``origin``: LPS position ``(z, y, x)`` in mm of the centre of voxel ``[0, 0, 0]``.
+    ``notes``: what the reader chose and left out, one sentence each: for a DICOM folder with
+    more than the primary axial series, the series read, then each series or group of files
+    skipped with the reason (see ``load_volume``); empty when there was nothing to leave out.
     """
 
     hu: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         hu = np.asarray(self.hu)
@@ -107,6 +137,8 @@ class Volume:
             )
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "origin", origin)
+        notes = (self.notes,) if isinstance(self.notes, str) else tuple(str(n) for n in self.notes)
+        object.__setattr__(self, "notes", notes)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -170,14 +202,37 @@ def load_volume(path: str | os.PathLike[str]) -> Volume:
 
     NIfTI: the image is reoriented to the closest canonical axes, then returned in the LPS
     frame; ``scl_slope``/``scl_inter`` are applied; spacing comes from the affine.
-    DICOM: every file in the folder is read; they must share one ``SeriesInstanceUID`` and carry
-    ``RescaleSlope``/``RescaleIntercept``; slices are sorted by ``ImagePositionPatient[2]``
-    (ascending, inferior to superior); spacing comes from ``PixelSpacing`` and the slice
-    positions.
+
+    DICOM: every file in the folder is read (hidden files aside). Files without pixel data
+    (a DICOMDIR, a dose report) are skipped. When the images belong to several series
+    (``SeriesInstanceUID``), the primary axial series is read, by this rule:
+
+    1. images whose ``ImageType`` contains ``LOCALIZER`` are dropped, and so are series that
+       are multi-frame or colour, that lack ``ImagePositionPatient``/``ImageOrientationPatient``,
+       whose slices differ in orientation (direction cosines more than 0.001 apart), that are
+       not axial (row and column directions each within 5 degrees of the patient's x or y
+       axis, in any sign or order) or that hold a single slice;
+    2. of the rest, the series with the most slices is read; ties go to the lowest
+       ``SeriesNumber`` (missing counts as highest), then the lowest ``SeriesInstanceUID``.
+
+    What was skipped is recorded on the returned volume (``Volume.notes``: the series read,
+    then every series or group of files left out with its reason), not warned. Slices are
+    sorted by their position along the slice normal, ``ImagePositionPatient`` dot
+    (row cosine x column cosine), oriented towards superior; rows and columns are flipped or
+    swapped into the LPS ``(z, y, x)`` frame. Spacing: ``PixelSpacing`` in plane, the median
+    step between slice positions in z. The steps must be even: a step over 1.5 median steps
+    is a missing slice, any step more than 10% from the median is non-uniform spacing, and
+    both raise :class:`SliceSpacingError` (the study is refused with the reason, never
+    resampled); positions closer than 0.01 mm are repeated slices (:class:`VolumeFormatError`).
+    Compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE) are decoded by pydicom's
+    pixel data plugins (``pylibjpeg`` with ``pylibjpeg-libjpeg`` and ``pylibjpeg-openjpeg``).
+    Every slice must carry ``RescaleSlope``, ``RescaleIntercept`` and ``PixelSpacing``.
 
     Raises ``FileNotFoundError`` if ``path`` does not exist and :class:`VolumeFormatError`
-    (naming ``path``) for an empty folder, a mixed series, missing rescale tags or an
-    unsupported file extension.
+    (naming ``path`` or the file, and what was expected) for an empty folder, a file that is
+    not DICOM or cannot be decoded, a folder without a readable axial series (each series
+    listed with the reason it was left out), missing tags, repeated or uneven slice
+    positions, or an unsupported file extension.
     """
     p = Path(path)
     if not p.exists():
@@ -211,49 +266,295 @@ def _load_nifti(path: Path) -> Volume:
     return Volume(hu=hu, spacing=(sz, sy, sx), origin=(origin_lps[2], origin_lps[1], origin_lps[0]))
 
 
+@dataclass
+class _Series:
+    """The images of one ``SeriesInstanceUID`` in a folder: the files and datasets kept,
+    the number of localizer images dropped, the plane's axes when it is axial (see
+    ``_axial_axes``) and the reason it cannot be read, if any."""
+
+    uid: str
+    number: float
+    files: list[Path]
+    slices: list[Dataset]
+    localizers: int = 0
+    cosines: np.ndarray | None = None  # ImageOrientationPatient (6,): row then column cosine
+    corners: np.ndarray | None = None  # ImagePositionPatient of each slice (n, 3), LPS mm
+    axes: tuple[int, int, int, int] | None = None
+    reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        number = "no SeriesNumber" if self.number == float("inf") else f"SeriesNumber {self.number:g}"
+        uid = self.uid or "without SeriesInstanceUID"
+        return f"series {uid} ({number}, {len(self.files) + self.localizers} image(s))"
+
+
+def _read_dicom(f: Path, folder: Path) -> Dataset:
+    try:
+        return pydicom.dcmread(f)
+    except pydicom.errors.InvalidDicomError as exc:
+        raise VolumeFormatError(f"load_volume: {f} in {folder} is not a DICOM file") from exc
+    except Exception as exc:  # truncated or malformed files raise several types
+        raise VolumeFormatError(
+            f"load_volume: cannot read DICOM file {f} in {folder}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    value = ds.get("ImageType") or []
+    return [str(value).upper()] if isinstance(value, str) else [str(v).upper() for v in value]
+
+
+def _numbers(value: Any) -> list[float] | None:
+    """A DICOM decimal string element's value (one number or several) as floats; None when
+    it is absent or not numbers."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        return None
+
+
+def _axial_axes(iop: np.ndarray) -> tuple[int, int, int, int] | str:
+    """For an axial plane, ``(row_axis, row_sign, col_axis, col_sign)``: the patient axis
+    (0 = x, 1 = y) each direction cosine of ``iop`` (6,) lies along and its sign; else why the
+    plane cannot be read. Axial: the row and the column direction each within
+    ``_AXIAL_TOLERANCE_DEG`` of a different one of the patient's x and y axes."""
+    shown = "\\".join(f"{v:g}" for v in iop)
+    if iop.shape != (6,):
+        return f"ImageOrientationPatient {shown} has {iop.size} values; expected 6"
+    row, col = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01
+            or abs(float(row @ col)) > 0.01):
+        return f"ImageOrientationPatient {shown} is not two orthogonal unit vectors"
+    row_axis, col_axis = int(np.argmax(np.abs(row))), int(np.argmax(np.abs(col)))
+    limit = np.cos(np.deg2rad(_AXIAL_TOLERANCE_DEG))
+    if row_axis == 2 or col_axis == 2 or row_axis == col_axis or min(abs(row[row_axis]), abs(col[col_axis])) < limit:
+        normal = np.cross(row, col)
+        plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+        tilt = float(np.degrees(np.arccos(min(1.0, abs(normal[2]) / np.linalg.norm(normal)))))
+        off = float(np.degrees(np.arccos(min(1.0, abs(row[row_axis]), abs(col[col_axis])))))
+        return (
+            f"not axial: ImageOrientationPatient {shown} ({plane}) puts the slice normal "
+            f"{tilt:.1f} deg from the patient's z axis and the rows or columns {off:.1f} deg from "
+            f"the patient's x and y axes; at most {_AXIAL_TOLERANCE_DEG:g} deg is read"
+        )
+    return row_axis, int(np.sign(row[row_axis])), col_axis, int(np.sign(col[col_axis]))
+
+
+def _examine(uid: str, members: list[tuple[Path, Dataset]]) -> _Series:
+    """One series of a folder, with its localizer images dropped and the reason it cannot be
+    the primary axial series (rule 1 of ``load_volume``), if any."""
+    number = members[0][1].get("SeriesNumber")
+    try:
+        series_number = float(number) if number not in (None, "") else float("inf")
+    except (TypeError, ValueError):
+        series_number = float("inf")
+    kept = [(f, ds) for f, ds in members if "LOCALIZER" not in _image_type(ds)]
+    series = _Series(uid, series_number, [f for f, _ in kept], [ds for _, ds in kept],
+                     localizers=len(members) - len(kept))
+    if not kept:
+        image_type = "\\".join(_image_type(members[0][1]))
+        series.reason = f"localizer (ImageType {image_type})"
+        return series
+    cosines, corners = [], []
+    for f, ds in kept:
+        if int(ds.get("NumberOfFrames") or 1) != 1:
+            series.reason = f"{f.name} is a multi-frame image ({ds.NumberOfFrames} frames); expected one slice per file"
+            return series
+        if int(ds.get("SamplesPerPixel") or 1) != 1:
+            series.reason = f"{f.name} has {ds.SamplesPerPixel} samples per pixel; expected a grey-scale CT image"
+            return series
+        for tag, size, into in (("ImageOrientationPatient", 6, cosines), ("ImagePositionPatient", 3, corners)):
+            values = _numbers(ds.get(tag))
+            if values is None or len(values) != size:
+                series.reason = (f"{f.name} lacks the {tag} tag" if tag not in ds
+                                 else f"{f.name} has {tag} {ds[tag].value!r}; expected {size} numbers")
+                return series
+            into.append(values)
+    cosines = np.array(cosines, dtype=np.float64)
+    series.cosines, series.corners = cosines[0], np.array(corners, dtype=np.float64)
+    spread = np.abs(cosines - cosines[0]).max(axis=1)
+    if spread.max() > _ORIENTATION_ATOL:
+        odd = int(np.argmax(spread))
+        series.reason = (f"slices of different orientations ({series.files[0].name} and {series.files[odd].name} "
+                         f"differ in ImageOrientationPatient by {spread[odd]:.3g})")
+        return series
+    axes = _axial_axes(cosines[0])
+    if isinstance(axes, str):
+        series.reason = axes
+        return series
+    series.axes = axes
+    if len(kept) == 1:
+        series.reason = "a single slice, not a volume"
+    return series
+
+
+def _mm(value: float) -> str:
+    """A length in mm for a message: up to three decimals, at least one (``10.0``, ``0.625``)."""
+    text = f"{round(float(value), 3):.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
 def _load_dicom_series(folder: Path) -> Volume:
     files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
     if not files:
         raise VolumeFormatError(f"load_volume: DICOM folder {folder} holds no files")
-    slices = []
-    for f in files:
-        try:
-            slices.append(pydicom.dcmread(f))
-        except pydicom.errors.InvalidDicomError as exc:
-            raise VolumeFormatError(f"load_volume: {f} in {folder} is not a DICOM file") from exc
-    series = {str(ds.get("SeriesInstanceUID", "")) for ds in slices}
-    if len(series) != 1:
+    datasets = [_read_dicom(f, folder) for f in files]
+    others = [f.name for f, ds in zip(files, datasets, strict=True) if "PixelData" not in ds]
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for f, ds in zip(files, datasets, strict=True):
+        if "PixelData" in ds:
+            groups.setdefault(str(ds.get("SeriesInstanceUID") or ""), []).append((f, ds))
+    if not groups:
         raise VolumeFormatError(
-            f"load_volume: DICOM folder {folder} mixes {len(series)} series "
-            f"(SeriesInstanceUID values: {', '.join(sorted(series))}); expected one"
+            f"load_volume: DICOM folder {folder} holds no images: none of its {len(files)} DICOM "
+            f"file(s) has pixel data (e.g. {others[0]}); expected a CT series"
         )
-    for f, ds in zip(files, slices, strict=True):
-        for tag in ("RescaleSlope", "RescaleIntercept", "ImagePositionPatient", "PixelSpacing"):
+    examined = [_examine(uid, members) for uid, members in groups.items()]
+    candidates = [s for s in examined if s.reason is None]
+    if not candidates:
+        listed = "; ".join(f"{s.label}: {s.reason}" for s in examined)
+        raise VolumeFormatError(
+            f"load_volume: DICOM folder {folder} has no series to read as a CT volume; expected an axial "
+            f"series of at least 2 slices with its geometry tags ({listed})"
+        )
+    chosen = min(candidates, key=lambda s: (-len(s.slices), s.number, s.uid))
+    skipped = [f"skipped {s.label}: {s.reason}" for s in examined if s.reason is not None]
+    skipped += [
+        f"skipped {s.label}: axial, but not the primary series ({len(s.slices)} slices)"
+        for s in candidates if s is not chosen
+    ]
+    skipped += [f"skipped {s.localizers} localizer image(s) of {s.label}" for s in examined
+                if s.localizers and s.slices]
+    if others:
+        skipped.append(f"skipped {len(others)} DICOM file(s) without pixel data, e.g. {others[0]}")
+    notes = ()
+    if skipped:
+        notes = (f"DICOM folder {folder}: read {chosen.label}, the primary axial series (rule: the most "
+                 "slices, then the lowest SeriesNumber, then SeriesInstanceUID)", *skipped)
+    return _assemble(folder, chosen, notes)
+
+
+def _assemble(folder: Path, series: _Series, notes: tuple[str, ...]) -> Volume:
+    """The volume of one axial series: slices sorted along the normal (towards superior),
+    steps checked, pixels decoded to HU and the planes turned into the LPS (z, y, x) frame."""
+    for f, ds in zip(series.files, series.slices, strict=True):
+        for tag in ("RescaleSlope", "RescaleIntercept", "PixelSpacing"):
             if tag not in ds:
                 raise VolumeFormatError(f"load_volume: {f} in {folder} lacks the {tag} tag")
-    order = np.argsort([float(ds.ImagePositionPatient[2]) for ds in slices], kind="stable")
-    slices = [slices[i] for i in order]
-    planes = [
-        _stored_pixels(ds).astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        for ds in slices
-    ]
+    assert series.axes is not None and series.cosines is not None and series.corners is not None
+    row_axis, row_sign, _, col_sign = series.axes
+    row, col = series.cosines[:3], series.cosines[3:]
+    normal = np.cross(row, col)
+    normal *= np.sign(normal[2]) / np.linalg.norm(normal)  # towards superior
+    corners = series.corners
+    order = np.argsort(corners @ normal, kind="stable")
+    files = [series.files[i] for i in order]
+    slices = [series.slices[i] for i in order]
+    corners = corners[order]
+    positions = corners @ normal
+    step = _slice_step(folder, files, positions)
+    pixel = {tuple(_numbers(ds.PixelSpacing) or ()) for ds in slices}
+    if len(pixel) != 1 or len(next(iter(pixel))) != 2:
+        raise VolumeFormatError(
+            f"load_volume: DICOM folder {folder} has slices of PixelSpacing {sorted(pixel)} mm; expected one pair "
+            "(between rows, between columns)"
+        )
+    d_row, d_col = next(iter(pixel))
+    planes = [_slice_hu(f, folder, ds) for f, ds in zip(files, slices, strict=True)]
     shapes = {pl.shape for pl in planes}
     if len(shapes) != 1:
-        raise VolumeFormatError(f"load_volume: DICOM folder {folder} has slices of shapes {shapes}")
-    hu = np.stack(planes).astype(np.float32)
-    z = np.array([float(ds.ImagePositionPatient[2]) for ds in slices])
-    if len(z) > 1:
-        steps = np.diff(z)
-        if np.any(steps <= 0):
-            raise VolumeFormatError(
-                f"load_volume: DICOM folder {folder} has repeated slice positions"
-            )
-        sz = float(np.median(steps))
-    else:
-        sz = float(slices[0].get("SliceThickness", 1.0) or 1.0)
-    row_sp, col_sp = (float(v) for v in slices[0].PixelSpacing)
-    x0, y0, z0 = (float(v) for v in slices[0].ImagePositionPatient)
-    return Volume(hu=hu, spacing=(sz, row_sp, col_sp), origin=(z0, y0, x0))
+        raise VolumeFormatError(
+            f"load_volume: DICOM folder {folder} has slices of shapes {sorted(shapes)}; expected one (Rows, Columns)"
+        )
+    hu = np.stack(planes)
+    n_rows, n_cols = hu.shape[1:]
+    # reverse the rows when the column direction points against its patient axis, the
+    # columns when the row direction does
+    if col_sign < 0:
+        hu = hu[:, ::-1, :]
+    if row_sign < 0:
+        hu = hu[:, :, ::-1]
+    first = corners[0] + (n_rows - 1 if col_sign < 0 else 0) * d_row * col \
+        + (n_cols - 1 if row_sign < 0 else 0) * d_col * row
+    if row_axis == 0:  # columns along x, rows along y
+        spacing_yx = (d_row, d_col)
+    else:  # columns along y, rows along x: swap the in-plane axes
+        hu = hu.transpose(0, 2, 1)
+        spacing_yx = (d_col, d_row)
+    return Volume(hu=np.ascontiguousarray(hu, dtype=np.float32), spacing=(step, *spacing_yx),
+                  origin=(float(first[2]), float(first[1]), float(first[0])), notes=notes)
+
+
+def _slice_step(folder: Path, files: list[Path], positions: np.ndarray) -> float:
+    """The slice spacing in mm, the median step of the sorted ``positions`` (mm along the
+    normal); raises for repeated positions, a missing slice or uneven steps."""
+    steps = np.diff(positions)
+    where = lambda i: (f"between positions {_mm(positions[i])} and {_mm(positions[i + 1])} mm "  # noqa: E731
+                       f"({files[i].name} and {files[i + 1].name})")
+    repeated = np.flatnonzero(steps < _REPEATED_MM)
+    if repeated.size:
+        i = int(repeated[0])
+        raise VolumeFormatError(
+            f"load_volume: DICOM folder {folder} has repeated slice positions: {files[i].name} and "
+            f"{files[i + 1].name} both lie at {_mm(positions[i])} mm along the slice normal "
+            f"({repeated.size} repeat(s)); expected one slice per position"
+        )
+    median = float(np.median(steps))
+    largest = int(np.argmax(steps))
+    if steps[largest] > _GAP_FACTOR * median:
+        gaps = steps > _GAP_FACTOR * median
+        raise SliceSpacingError(
+            f"load_volume: DICOM folder {folder}: missing slice(s): gap of {_mm(steps[largest])} mm "
+            f"{where(largest)} where the median step is {_mm(median)} mm ({int(gaps.sum())} gap(s) over "
+            f"{_GAP_FACTOR:g} median steps); expected evenly spaced slices"
+        )
+    off = np.abs(steps - median)
+    worst = int(np.argmax(off))
+    if off[worst] > _STEP_TOLERANCE * median:
+        raise SliceSpacingError(
+            f"load_volume: DICOM folder {folder}: non-uniform slice spacing: step of {_mm(steps[worst])} mm "
+            f"{where(worst)} where the median step is {_mm(median)} mm (steps from {_mm(steps.min())} to "
+            f"{_mm(steps.max())} mm; at most {_STEP_TOLERANCE:.0%} from the median is read)"
+        )
+    return median
+
+
+def _slice_hu(f: Path, folder: Path, ds: Dataset) -> np.ndarray:
+    """One slice in HU, float32 (Rows, Columns): stored values x ``RescaleSlope`` +
+    ``RescaleIntercept``; a decoding failure names the file and its transfer syntax."""
+    try:
+        stored = _stored_pixels(ds)
+    except Exception as exc:  # pydicom and its plugins raise several types
+        meta = getattr(ds, "file_meta", None)
+        syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+        hint = ""
+        if syntax is not None and syntax.is_compressed and not _decodable(syntax):
+            hint = ("; no decoder for this transfer syntax is installed (pydicom's plugins: pylibjpeg with "
+                    "pylibjpeg-libjpeg and pylibjpeg-openjpeg, pinned in pyproject.toml)")
+        shown = f"{syntax.name} ({syntax})" if syntax is not None else "unknown"
+        raise VolumeFormatError(
+            f"load_volume: cannot decode the pixel data of {f} in {folder} (transfer syntax {shown}): "
+            f"{type(exc).__name__}: {exc}{hint}"
+        ) from exc
+    if stored.ndim != 2:
+        raise VolumeFormatError(
+            f"load_volume: {f} in {folder} holds pixel data of shape {stored.shape}; expected one slice (Rows, Columns)"
+        )
+    return stored.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def _decodable(syntax: str) -> bool:
+    """Whether pydicom has a decoder plugin installed for the transfer syntax ``syntax``."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(syntax).is_available)
+    except (NotImplementedError, ValueError):  # a syntax pydicom has no decoder for at all
+        return False
 
 
 def _stored_pixels(ds: Dataset) -> np.ndarray:

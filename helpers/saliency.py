@@ -384,19 +384,24 @@ def localisation(attribution: np.ndarray, occupancy: np.ndarray) -> dict:
 
 
 def select_cases(cohort: pd.DataFrame, risks: dict[str, pd.Series], *, n_cases: int, split: str = "test",
-                 ehr_present: pd.Index | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 ehr_present: pd.Index | None = None,
+                 image_present: pd.Index | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The cases shown and measured: studies of ``split`` that had the event, ranked by the
     mean of their risk percentiles under every model of ``risks`` (model -> risk by study_id),
     the ``n_cases`` highest. Studies without an EHR embedding (``ehr_present``: the ids that
-    have one) are left out. Returns the cases (``study_id``, ``time``, ``event``,
-    ``risk_<model>``, ``percentile_<model>``, ``rank_score``) and the count of every step,
-    with the reason for each exclusion."""
+    have one) are left out, and so are studies without an image embedding (``image_present``:
+    the extraction left out their CT as unreadable). Returns the cases (``study_id``, ``time``,
+    ``event``, ``risk_<model>``, ``percentile_<model>``, ``rank_score``) and the count of every
+    step, with the reason for each exclusion."""
     part = cohort[cohort["split"] == split].set_index("study_id")
     if part.empty:
         raise ValueError(f"the cohort has no study in split {split!r}")
     steps = [("studies in split", len(part), "")]
     events = part[part["event"].astype(bool)]
     steps.append(("had the event", len(events), "censored or event-free studies are not cases"))
+    if image_present is not None:
+        events = events[events.index.isin(image_present)]
+        steps.append(("with a readable CT", len(events), "a CT the extraction could not read has nothing to attribute"))
     if ehr_present is not None:
         events = events[events.index.isin(ehr_present)]
         steps.append(("with an EHR embedding", len(events), "the fusion needs the patient's own EHR"))
@@ -571,8 +576,10 @@ def run_saliency(spec: SaliencySpec) -> SaliencyResult:
     ehr_index = pd.Index([str(s) for s in ehr_table.study_ids])
     predictions = {name: pd.read_parquet(folder / "predictions.parquet").set_index("study_id")
                    for name, folder in folders.items()}
+    image_index = pd.Index([str(s) for s in read_embeddings(Path(params[REFERENCE]["image_embeddings"]),
+                                                            tokens=False).study_ids])
     cases, counts = select_cases(cohort, {n: p["risk"] for n, p in predictions.items()}, n_cases=spec.n_cases,
-                                 split=spec.split, ehr_present=ehr_index)
+                                 split=spec.split, ehr_present=ehr_index, image_present=image_index)
     if cases.empty:
         raise ValueError(f"task {spec.task!r}: no study of split {spec.split!r} had the event; no case to explain")
     ids = cases["study_id"].astype(str).tolist()

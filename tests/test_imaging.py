@@ -196,7 +196,8 @@ def test_dicom_uids_are_reproducible(tmp_path: Path) -> None:
 def test_dicom_slices_sorted_by_position_not_name(tmp_path: Path) -> None:
     vol = _volume(np.random.default_rng(5))
     paths = _write_dicom(vol, tmp_path / "s")
-    # reverse the file names: loading must still order slices by ImagePositionPatient[2]
+    # reverse the file names: loading must still order slices by their position along the
+    # normal (other orientations: tests/test_dicom_archives.py)
     for p in paths:
         p.rename(p.with_name("x" + p.name))
     for i, p in enumerate(sorted(paths, reverse=True)):
@@ -250,7 +251,9 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
         load_volume(bad)
 
 
-def test_load_rejects_mixed_series(tmp_path: Path) -> None:
+def test_load_refuses_a_folder_of_single_slices_from_two_series(tmp_path: Path) -> None:
+    """Two series of one slice each: neither is a volume (the choice among several series is
+    tested in tests/test_dicom_archives.py)."""
     vol = _volume(np.random.default_rng(6))
     a = _write_dicom(vol, tmp_path / "a")
     b = _write_dicom(vol, tmp_path / "b", series_uid="1.2.826.0.1.3680043.8.498.1.2")
@@ -258,8 +261,18 @@ def test_load_rejects_mixed_series(tmp_path: Path) -> None:
     mixed.mkdir()
     (mixed / "1.dcm").write_bytes(a[0].read_bytes())
     (mixed / "2.dcm").write_bytes(b[1].read_bytes())
-    with pytest.raises(VolumeFormatError, match="mixed mixes 2 series"):
+    with pytest.raises(VolumeFormatError, match=(
+        r"mixed has no series to read as a CT volume; expected an axial series of at least 2 slices with its "
+        r"geometry tags \(series 1\.2\.826\.0\.1\.3680043\.8\.498\.1\.1 "
+        r"\(SeriesNumber 1, 1 image\(s\)\): a single slice, not a volume; series .*\.1\.2 .*: a single slice")):
         load_volume(mixed)
+
+
+def test_load_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
+    _write_dicom(_volume(np.random.default_rng(9)), tmp_path / "s")
+    (tmp_path / "s" / "notes.txt").write_text("scanned at night")
+    with pytest.raises(VolumeFormatError, match=r"notes\.txt in .*s is not a DICOM file"):
+        load_volume(tmp_path / "s")
 
 
 def test_load_rejects_missing_rescale(tmp_path: Path) -> None:

@@ -225,6 +225,12 @@ def test_select_cases_counts_every_step() -> None:
     assert counts["studies"].tolist() == [6, 4, 3, 2]
     cases, _ = S.select_cases(cohort, {"a": risk_a, "b": risk_b}, n_cases=10)
     assert len(cases) == 4 and set(cases["study_id"]) == {"s0", "s1", "s3", "s4"}
+    # a study whose CT the extraction left out is no case
+    cases, counts = S.select_cases(cohort, {"a": risk_a}, n_cases=10, ehr_present=pd.Index(["s0", "s1", "s3"]),
+                                   image_present=pd.Index(["s0", "s1", "s4"]))
+    assert cases["study_id"].tolist() == ["s1", "s0"]
+    assert counts["step"].tolist()[2:4] == ["with a readable CT", "with an EHR embedding"]
+    assert counts["studies"].tolist() == [6, 4, 3, 2, 2]
 
 
 def test_summaries_match_a_direct_bootstrap() -> None:

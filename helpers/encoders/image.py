@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.encoders.randconv import RandomConvEncoder
-from helpers.imaging import AIR_HU, Volume, air_offset, load_volume, window
+from helpers.imaging import AIR_HU, Volume, VolumeFormatError, air_offset, load_volume, window
 from helpers.manifest import EncoderSpec
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "EHR_ENCODERS",
     "ImageEncoder",
     "SlicePreprocess",
+    "UnreadableVolumeError",
     "VolumeDataset",
     "encode_volumes",
     "image_encoder",
@@ -208,10 +209,27 @@ def _square_fov(slices: np.ndarray, dy: float, dx: float, fov_mm: float) -> np.n
     return out
 
 
+class UnreadableVolumeError(RuntimeError):
+    """The volume of one study cannot be read: ``load_volume`` raised ``VolumeFormatError``
+    (not a CT series, missing or uneven slices, undecodable pixels) or ``OSError`` (missing
+    file or folder). ``study_id``, ``path``, ``error`` (the class name of the original error)
+    and ``reason`` (its message) say which and why; ``encode_volumes`` can leave such a
+    study out and go on."""
+
+    def __init__(self, study_id: str, path: str, error: str, reason: str) -> None:
+        super().__init__(f"study {study_id}: cannot read {path}: {reason}")
+        self.study_id, self.path, self.error, self.reason = study_id, path, error, reason
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses from a DataLoader worker
+        return type(self), (self.study_id, self.path, self.error, self.reason)
+
+
 class VolumeDataset(Dataset):
     """Items are ``(index, slices)`` with slices from ``preprocess`` of the volume at
-    ``paths[index]``. Errors name the study and the file. Holds only lists, strings and a
-    frozen dataclass, so it pickles into DataLoader workers (fork or spawn).
+    ``paths[index]``. A volume that cannot be read raises ``UnreadableVolumeError`` (a
+    ``RuntimeError``); any other failure a ``RuntimeError``; both name the study and the file.
+    Holds only lists, strings and a frozen dataclass, so it pickles into DataLoader workers
+    (fork or spawn).
     """
 
     def __init__(self, study_ids: list[str], paths: list[str], preprocess: SlicePreprocess) -> None:
@@ -225,13 +243,35 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
         try:
             volume = load_volume(self.paths[index])
+        except (VolumeFormatError, OSError) as err:
+            raise UnreadableVolumeError(self.study_ids[index], str(self.paths[index]), type(err).__name__,
+                                        str(err)) from err
         except Exception as err:
             raise RuntimeError(f"study {self.study_ids[index]}: cannot read {self.paths[index]}: {err}") from err
         return index, self.preprocess(volume)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
-    return [b[0] for b in batch], [b[1] for b in batch]
+class _Excluding(Dataset):
+    """``dataset``'s items as ``(index, slices, None)``, or ``(index, None, error)`` for a
+    study whose volume cannot be read (``UnreadableVolumeError``), so one bad study does not
+    stop the DataLoader."""
+
+    def __init__(self, dataset: VolumeDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, UnreadableVolumeError | None]:
+        try:
+            i, slices = self.dataset[index]
+        except UnreadableVolumeError as err:
+            return index, None, err
+        return i, slices, None
+
+
+def _collate(batch: list[tuple]) -> tuple[list[int], list[torch.Tensor | None], list[UnreadableVolumeError | None]]:
+    return [b[0] for b in batch], [b[1] for b in batch], [b[2] if len(b) > 2 else None for b in batch]
 
 
 class _RandConv(RandomConvEncoder):
@@ -314,19 +354,28 @@ def encode_volumes(
     num_workers: int = 0,
     progress: Callable[[int], object] | None = None,
     stats: dict | None = None,
+    excluded: list | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Encode every volume of ``dataset`` (items ``(index, slices)``, see ``VolumeDataset``).
 
     Returns ``(embedding, tokens)``: embedding float32 (n_studies, dim), the mean of the slice
-    tokens; tokens a list of float32 arrays (n_slices, dim), in dataset order. ``batch_size``
+    tokens; tokens a list of float32 arrays (n_slices, dim), in dataset order.
+
+    ``excluded``: None (default), and the first volume that cannot be read stops the encoding
+    with its ``UnreadableVolumeError``. A list, and such studies are left out and go on: each
+    one's ``UnreadableVolumeError`` (``study_id``, ``path``, ``error``, ``reason``) is appended
+    to it in dataset order, and ``embedding`` and ``tokens`` hold the other studies, still in
+    dataset order (n_studies - len(excluded) rows). If no volume can be read, a
+    ``RuntimeError`` names the count and the first three reasons. ``batch_size``
     counts volumes. Volumes are decoded by a DataLoader with ``num_workers`` worker processes
     (persistent when > 0; pinned memory on CUDA). On CUDA the encoder runs under bf16 autocast
     with non-blocking transfers on whole batches, and the outputs are cast back to float32; on
     the CPU it is called once per volume.
 
     ``progress(n)`` is called with the number of volumes done so far. ``stats``, if given, is
-    filled with ``computed_volumes``, ``volumes_per_second``, ``slices_per_second``,
-    ``decode_seconds`` (waiting for the loader) and ``model_seconds``.
+    filled with ``computed_volumes`` (volumes encoded), ``excluded_volumes`` (left out as
+    unreadable), ``volumes_per_second``, ``slices_per_second``, ``decode_seconds`` (waiting for
+    the loader) and ``model_seconds``.
     """
     if batch_size < 1:
         raise ValueError(f"parameter 'batch_size': must be >= 1, got {batch_size}")
@@ -340,11 +389,13 @@ def encode_volumes(
     cuda = torch_device.type == "cuda"
 
     tokens: list[np.ndarray | None] = [None] * n
+    unreadable: list[UnreadableVolumeError] = []
     done = 0
     decode_s = model_s = 0.0
     n_slices = 0
     started = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+    source = _Excluding(dataset) if excluded is not None else dataset
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=cuda, persistent_workers=num_workers > 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     iterator = iter(loader)
@@ -352,12 +403,17 @@ def encode_volumes(
         while True:
             t0 = time.perf_counter()
             try:
-                indices, volumes = next(iterator)
+                indices, volumes, errors = next(iterator)
             except StopIteration:
                 break
             t1 = time.perf_counter()
+            unreadable += [e for e in errors if e is not None]
+            read = [i for i, v in zip(indices, volumes, strict=True) if v is not None]
+            volumes = [v for v in volumes if v is not None]
             sizes = [v.shape[0] for v in volumes]
-            if cuda:
+            if not volumes:
+                out = np.zeros((0, 0), dtype=np.float32)
+            elif cuda:
                 out = encoder(torch.cat(volumes).to(torch_device, non_blocking=True)).float().cpu().numpy()
             else:
                 # one volume per call: the intermediate maps of 16 slices stay in the cache and
@@ -366,19 +422,26 @@ def encode_volumes(
                 out = torch.cat([encoder(v) for v in volumes]).float().numpy()
             t2 = time.perf_counter()
             decode_s, model_s, n_slices = decode_s + t1 - t0, model_s + t2 - t1, n_slices + sum(sizes)
-            for i, chunk in zip(indices, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
+            for i, chunk in zip(read, np.split(out, np.cumsum(sizes)[:-1]) if volumes else [], strict=True):
                 tokens[i] = chunk.astype(np.float32)
             done += len(indices)
             if progress is not None:
                 progress(done)
     seconds = time.perf_counter() - started
+    if len(unreadable) == n:
+        reasons = "; ".join(str(e) for e in unreadable[:3])
+        raise RuntimeError(f"parameter 'dataset': none of its {n} volumes could be read, e.g. {reasons}")
+    kept = [t for t in tokens if t is not None]
     if stats is not None:
         stats.update(
-            computed_volumes=n,
-            volumes_per_second=n / seconds if seconds > 0 else float("nan"),
+            computed_volumes=len(kept),
+            excluded_volumes=len(unreadable),
+            volumes_per_second=len(kept) / seconds if seconds > 0 else float("nan"),
             slices_per_second=n_slices / seconds if seconds > 0 else float("nan"),
             decode_seconds=decode_s,
             model_seconds=model_s,
         )
-    embedding = np.stack([t.mean(axis=0) for t in tokens]).astype(np.float32)
-    return embedding, tokens
+    if excluded is not None:
+        excluded.extend(unreadable)
+    embedding = np.stack([t.mean(axis=0) for t in kept]).astype(np.float32)
+    return embedding, kept
