@@ -117,6 +117,10 @@ def test_saliency_ran_for_each_fusion_against_image_only(study):
             assert maps[fusion].shape == (6, 16, 64, 64)
         assert (folder / "saliency.png").stat().st_size > 10_000
     assert (root / "saliency" / "pe" / "onehot" / "cross_attention" / "seed-0" / "attention.png").is_file()
+    # the results chapter gathers them: one row per strategy and region
+    localised = pd.read_csv(root / "comparisons" / "localisation.csv")
+    assert sorted(set(localised["fusion"])) == ["concat", "cross_attention"] and len(localised) == 6
+    assert (localised["lower"] <= localised["difference"]).all() and (localised["difference"] <= localised["upper"]).all()
     page = (study["folder"] / "book" / "_build" / "html" / "generated" / "pe" / "05_saliency" / "onehot"
             / "cross_attention" / "seed-0.html").read_text()
     assert '<img src="data:image/png;base64,' in page and 'alt="4 rows, one per high-risk PE patient' in page
