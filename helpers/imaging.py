@@ -289,11 +289,14 @@ class _Series:
         return f"series {uid} ({number}, {len(self.files) + self.localizers} image(s))"
 
 
-def _read_dicom(f: Path, folder: Path) -> Dataset:
+def _read_dicom(f: Path, folder: Path) -> Dataset | None:
+    """A file of a series folder: its dataset, or None for a file that is not DICOM at all (no
+    DICOM preamble: a stray text or image file, skipped and reported); a DICOM file that cannot
+    be read is a ``VolumeFormatError`` naming it."""
     try:
         return pydicom.dcmread(f)
-    except pydicom.errors.InvalidDicomError as exc:
-        raise VolumeFormatError(f"load_volume: {f} in {folder} is not a DICOM file") from exc
+    except pydicom.errors.InvalidDicomError:
+        return None
     except Exception as exc:  # truncated or malformed files raise several types
         raise VolumeFormatError(
             f"load_volume: cannot read DICOM file {f} in {folder}: {type(exc).__name__}: {exc}"
@@ -402,7 +405,13 @@ def _load_dicom_series(folder: Path) -> Volume:
     files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
     if not files:
         raise VolumeFormatError(f"load_volume: DICOM folder {folder} holds no files")
-    datasets = [_read_dicom(f, folder) for f in files]
+    read = [(f, _read_dicom(f, folder)) for f in files]
+    foreign = [f.name for f, ds in read if ds is None]
+    if len(foreign) == len(files):
+        raise VolumeFormatError(f"load_volume: {folder} holds no DICOM file (expected a DICOM series; "
+                                f"{len(files)} file(s)): {files[0]} in {folder} is not a DICOM file")
+    files = [f for f, ds in read if ds is not None]
+    datasets = [ds for _, ds in read if ds is not None]
     others = [f.name for f, ds in zip(files, datasets, strict=True) if "PixelData" not in ds]
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     for f, ds in zip(files, datasets, strict=True):
@@ -431,6 +440,8 @@ def _load_dicom_series(folder: Path) -> Volume:
                 if s.localizers and s.slices]
     if others:
         skipped.append(f"skipped {len(others)} DICOM file(s) without pixel data, e.g. {others[0]}")
+    if foreign:
+        skipped.append(f"skipped {len(foreign)} file(s) that are not DICOM, e.g. {foreign[0]}")
     notes = ()
     if skipped:
         notes = (f"DICOM folder {folder}: read {chosen.label}, the primary axial series (rule: the most "

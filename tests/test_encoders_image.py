@@ -238,6 +238,22 @@ def test_ct_mae_pretraining_writes_a_checkpoint_with_its_hash_next_to_it(mae_che
     assert other.sha256 != result.sha256
 
 
+def test_ct_mae_pretraining_leaves_out_an_unreadable_study_and_records_it(mae_checkpoint, tmp_path):
+    from helpers.encoders import VolumeDataset
+
+    dataset, result = mae_checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "0001.dcm").write_bytes(b"not a DICOM file" * 40)
+    with_bad = VolumeDataset(list(dataset.study_ids) + ["bad"], list(dataset.paths) + [str(broken)], dataset.preprocess)
+    again = pretrain_ct_mae(with_bad, tmp_path / "ckpt" / "ct_mae", config=TINY_MAE, val_fraction=0.34)
+    assert again.sha256 == result.sha256, "the readable studies, and only they, made the checkpoint"
+    assert again.summary["n_unreadable_volumes"] == 1 and again.summary["n_volumes"] == 6
+    record = json.loads(again.checkpoint.with_name("ct_mae.json").read_text())
+    assert [(r["study_id"], r["error"]) for r in record["unreadable"]] == [("bad", "VolumeFormatError")]
+    assert record["unreadable"][0]["reason"].endswith("is not a DICOM file")
+
+
 def test_ct_mae_refuses_a_size_mismatch(tmp_path):
     dataset = _volumes(tmp_path, 1)
     with pytest.raises(ValueError, match=r"SlicePreprocess.size \(32\) must equal config.image_size \(64\)"):

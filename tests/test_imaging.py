@@ -268,11 +268,19 @@ def test_load_refuses_a_folder_of_single_slices_from_two_series(tmp_path: Path) 
         load_volume(mixed)
 
 
-def test_load_refuses_a_file_that_is_not_dicom(tmp_path: Path) -> None:
-    _write_dicom(_volume(np.random.default_rng(9)), tmp_path / "s")
+def test_a_stray_file_that_is_not_dicom_is_skipped_and_noted(tmp_path: Path) -> None:
+    vol = _volume(np.random.default_rng(9))
+    _write_dicom(vol, tmp_path / "s")
     (tmp_path / "s" / "notes.txt").write_text("scanned at night")
-    with pytest.raises(VolumeFormatError, match=r"notes\.txt in .*s is not a DICOM file"):
-        load_volume(tmp_path / "s")
+    loaded = load_volume(tmp_path / "s")
+    np.testing.assert_allclose(loaded.hu, load_volume(tmp_path / "s").hu)
+    assert loaded.hu.shape == vol.hu.shape
+    assert any("skipped 1 file(s) that are not DICOM, e.g. notes.txt" in note for note in loaded.notes)
+    # a folder of nothing but such files is no series
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "notes.txt").write_text("scanned at night")
+    with pytest.raises(VolumeFormatError, match=r"t holds no DICOM file .*notes\.txt in .*t is not a DICOM file"):
+        load_volume(tmp_path / "t")
 
 
 def test_load_rejects_missing_rescale(tmp_path: Path) -> None:

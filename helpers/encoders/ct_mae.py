@@ -131,21 +131,35 @@ def _as_list(batch: list) -> list:
     return batch
 
 
-def load_slices(dataset, *, num_workers: int = 0, batch_size: int = 16, progress: Callable | None = None) -> np.ndarray:
+def load_slices(dataset, *, num_workers: int = 0, batch_size: int = 16, progress: Callable | None = None,
+                excluded: list | None = None) -> np.ndarray:
     """All slices of a ``VolumeDataset`` as uint8 (n_volumes, n_slices, size, size): [0, 1]
-    scaled to 0..255 (8 bits: 5.9 HU per level in the PE window)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    scaled to 0..255 (8 bits: 5.9 HU per level in the PE window).
+
+    ``excluded``: None, and an unreadable volume stops the reading with its
+    ``UnreadableVolumeError``; a list, and such volumes are left out (their errors appended to
+    it, in dataset order) and the array holds the others, in dataset order."""
+    from helpers.encoders.image import _Excluding
+
+    source = _Excluding(dataset) if excluded is not None else dataset
+    loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_as_list)
     iterator = progress(loader, desc="reading slices", unit="batch") if progress is not None else loader
-    out = None
+    out, read = None, np.zeros(len(dataset), dtype=bool)
     for batch in iterator:
-        for index, slices in batch:
+        for item in batch:
+            index, slices = item[0], item[1]
+            if slices is None:
+                excluded.append(item[2])
+                continue
             array = slices[:, 0].numpy()
             if out is None:
                 out = np.empty((len(dataset), *array.shape), dtype=np.uint8)
             out[index] = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+            read[index] = True
     if out is None:
-        raise ValueError("parameter 'dataset': no volumes")
-    return out
+        reasons = "; ".join(str(e) for e in (excluded or [])[:3])
+        raise ValueError("parameter 'dataset': no volumes" + (f" could be read, e.g. {reasons}" if reasons else ""))
+    return out if read.all() else out[read]
 
 
 def _moments(volumes: np.ndarray) -> tuple[float, float]:
@@ -227,7 +241,9 @@ def pretrain_ct_mae(
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     try:
-        volumes = load_slices(dataset, num_workers=num_workers, progress=progress)
+        # a study whose CT cannot be read is left out of pretraining, counted and recorded
+        unreadable: list = []
+        volumes = load_slices(dataset, num_workers=num_workers, progress=progress, excluded=unreadable)
         n_volumes, n_per = volumes.shape[:2]
         rng = np.random.default_rng(config.seed)
         order = rng.permutation(n_volumes)
@@ -314,9 +330,11 @@ def pretrain_ct_mae(
     summary = {"n_slices": int(n_volumes * n_per), "n_volumes": int(n_volumes), "n_train_volumes": int(len(train_idx)),
                "n_val_volumes": int(len(val_idx)), "parameters": parameters, "encoder_parameters": encoder_parameters,
                "steps": total, "torch_threads": config.num_threads or threads, "config": asdict(config),
-               "preprocessing": preprocess.describe()}
+               "preprocessing": preprocess.describe(), "n_unreadable_volumes": len(unreadable)}
     record = {"sha256": sha, "checkpoint": str(out_dir), "seconds": seconds, "summary": summary,
-              "history": history.to_dict(orient="records")}
+              "history": history.to_dict(orient="records"),
+              "unreadable": [{"study_id": e.study_id, "image_path": e.path, "error": e.error, "reason": e.reason}
+                             for e in unreadable]}
     record_path = out_dir.with_name(f"{out_dir.name}.json")
     tmp_record = record_path.with_name(f".{record_path.name}.tmp-{os.getpid()}")
     tmp_record.write_text(json.dumps(record, indent=2, default=list) + "\n")
