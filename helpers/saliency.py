@@ -888,3 +888,23 @@ def localisation_table(collected: pd.DataFrame) -> pd.DataFrame:
         "fusion": pct(r["fusion_mass"], r["fusion_lower"], r["fusion_upper"]),
         "fusion - image only": f"{r['difference']:+.2%} [{r['lower']:+.2%}, {r['upper']:+.2%}]",
         "p": f"{r['p_value']:.3f}"} for _, r in collected.iterrows()])
+
+
+def localisation_reading(collected: pd.DataFrame) -> str:
+    """One sentence per task and region over ``collect``'s rows: in how many strategies the
+    fusion puts more of its attribution mass inside than image-only (95% CI above 0), less
+    (below 0), or no difference is shown. Counts only, whichever way they go."""
+    if collected.empty:
+        return "No saliency run was found."
+    from helpers.tasks import TASKS
+
+    lines = []
+    for (task, region), part in collected.groupby(["task", "region"], sort=False):
+        more = part.loc[part["lower"] > 0, "fusion"].map(lambda f: get_strategy(f).label).tolist()
+        less = part.loc[part["upper"] < 0, "fusion"].map(lambda f: get_strategy(f).label).tolist()
+        same = len(part) - len(more) - len(less)
+        listed = lambda names: f" ({', '.join(names)})" if names else ""  # noqa: E731
+        lines.append(f"- **{TASKS[task].name.upper()}, {REGIONS[task][region]}**: of {len(part)} strategies, "
+                     f"{len(more)} put more of their map there than image-only{listed(more)}, {len(less)} less"
+                     f"{listed(less)}, and {same} {'shows' if same == 1 else 'show'} no difference.")
+    return "\n".join(lines)

@@ -279,3 +279,14 @@ def test_saliency_reaches_the_voxels_through_a_transformers_backbone(tmp_path) -
     maps = S.attribute(risk, slices, ehr, method="integrated_gradients", baseline=0.0, n_steps=8)
     assert maps.shape == (2, 3, 32, 32) and maps.abs().sum() > 0
     assert S.weights_digest(encoder) == before
+
+
+def test_the_reading_across_strategies_counts_each_way() -> None:
+    import pandas as pd
+
+    rows = [{"task": "pe", "region": "lesion", "fusion": f, "lower": lo, "upper": hi}
+            for f, lo, hi in (("concat", -0.1, -0.01), ("cross_attention", -0.02, 0.03), ("contrastive", 0.01, 0.2))]
+    text = S.localisation_reading(pd.DataFrame(rows))
+    assert text == ("- **PE, emboli**: of 3 strategies, 1 put more of their map there than image-only (Contrastive "
+                    "learning), 1 less (Concatenation), and 1 shows no difference.")
+    assert S.localisation_reading(pd.DataFrame()) == "No saliency run was found."
