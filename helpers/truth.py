@@ -117,13 +117,23 @@ def mask_path(
     return truth_dir(twin_dir, task, reader=reader) / "masks" / f"{study_id}.npz"
 
 
+def _mask_file_array(twin_dir, task: str, study_id: str, reader: str, key: str) -> np.ndarray:
+    """Array ``key`` of one study's mask file; ``FileNotFoundError`` naming the path when the
+    file is missing, ``ValueError`` naming it when the array is (a twin written before the
+    generator that added it)."""
+    path = _existing(mask_path(twin_dir, task, study_id, reader=reader))
+    with np.load(path) as data:
+        if key not in data.files:
+            raise ValueError(f"{path}: no {key!r} array (a twin written by an older generator); write the twin again")
+        return data[key]
+
+
 def read_mask(
     twin_dir: str | os.PathLike[str], task: str, study_id: str, *, reader: str
 ) -> np.ndarray:
     """One study's lesion mask: uint8, shape ``(z, y, x)`` of its volume; 1 embolus, 2 calcium,
     0 elsewhere. ``FileNotFoundError`` naming the path when it is missing."""
-    with np.load(_existing(mask_path(twin_dir, task, study_id, reader=reader))) as data:
-        return data["mask"]
+    return _mask_file_array(twin_dir, task, study_id, reader, "mask")
 
 
 def read_anatomy(
@@ -132,9 +142,4 @@ def read_anatomy(
     """One study's anatomy map, saved with its lesion mask: uint8, shape ``(z, y, x)``;
     ``ANATOMY`` labels (1 heart and ventricles, 2 pulmonary arteries), 0 elsewhere. A mask
     file of a twin older than generator 1.4.0 has none: ``ValueError`` naming the file."""
-    path = _existing(mask_path(twin_dir, task, study_id, reader=reader))
-    with np.load(path) as data:
-        if "anatomy" not in data.files:
-            raise ValueError(f"{path}: no 'anatomy' map (a twin written before generator 1.4.0); "
-                             "write the twin again")
-        return data["anatomy"]
+    return _mask_file_array(twin_dir, task, study_id, reader, "anatomy")

@@ -92,3 +92,12 @@ def test_read_lesions_and_masks(tiny_twin: Path) -> None:
     assert anatomy.shape == mask.shape and anatomy.dtype == np.uint8
     assert (anatomy[mask == 1] == truth.ANATOMY["pulmonary_arteries"]).all()
     assert (anatomy == truth.ANATOMY["heart"]).sum() > 1000
+
+
+def test_a_mask_file_without_the_anatomy_map_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "pe" / "ground_truth" / "masks"
+    folder.mkdir(parents=True)
+    np.savez_compressed(folder / "s1.npz", mask=np.zeros((2, 3, 3), np.uint8))
+    assert truth.read_mask(tmp_path, "pe", "s1", reader="saliency").shape == (2, 3, 3)
+    with pytest.raises(ValueError, match=r"s1\.npz: no 'anatomy' array \(a twin written by an older generator\)"):
+        truth.read_anatomy(tmp_path, "pe", "s1", reader="saliency")
