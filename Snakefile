@@ -11,9 +11,10 @@
 # real/<source> for real data. The imbalance study is the same rules at other roots.
 #
 # Config (--config key=value): manifest (default data_manifest.yaml), profile (tiny, quick,
-# paper; default the manifest's), device (cpu or cuda for the encoders), and to restrict the
-# grid: tasks, ehr_reprs, fusions (comma-separated names of helpers.tasks), sweep (0 to skip
-# the imbalance study), book (0 to skip the book).
+# paper; default the manifest's), device (cpu or cuda for the encoders), probe_encoders (1 to
+# also extract and probe the manifest's other image encoders, 0 not to; default the
+# profile's), and to restrict the grid: tasks, ehr_reprs, fusions (comma-separated names of
+# helpers.tasks), sweep (0 to skip the imbalance study), book (0 to skip the book).
 
 import hashlib
 import os
@@ -124,10 +125,21 @@ def _profile(root):
     return PROFILES[Setting.from_label(root).profile]
 
 
+def _probe_encoders(root):
+    """Whether ``root`` also extracts the manifest's other image encoders: ``--config
+    probe_encoders=1`` (or 0) overrides the profile's setting; never in the imbalance study."""
+    if _is_sweep(root):
+        return False
+    value = str(config.get("probe_encoders", "")).strip()
+    if value not in ("", "0", "1"):
+        raise ParameterError(f"--config probe_encoders: expected 0 or 1, got {value!r}")
+    return _profile(root).probe_encoders if value == "" else value == "1"
+
+
 def image_encoders(root):
-    """The image encoders extracted at ``root``: the fusion models' own, and where the profile
-    probes them (and not in the imbalance study) the manifest's others."""
-    return IMAGE_ENCODERS if _profile(root).probe_encoders and not _is_sweep(root) else (FUSION_IMAGE,)
+    """The image encoders extracted at ``root``: the fusion models' own, and where it probes
+    encoders (``_probe_encoders``) the manifest's others."""
+    return IMAGE_ENCODERS if _probe_encoders(root) else (FUSION_IMAGE,)
 
 
 def ehr_encoders(root):

@@ -5,6 +5,13 @@ optional ``tokens`` (list of fixed-size lists of float32, e.g. one per CT slice)
 schema metadata key ``helpers`` holds JSON describing the encoder, its checkpoint hash and the
 preprocessing parameters.
 
+When every study has the same number of tokens, ``write_embeddings`` also writes them as one
+float32 ``.npy`` array next to the table (``<stem>.tokens-<key>.npy``, named in the metadata
+as ``token_file``), a copy that ``read_embeddings`` loads in a fraction of a second instead of
+decoding the nested parquet column (about 5 s for 4,600 studies x 16 slices x 1,152). The
+parquet keeps its ``tokens`` column, so the table stands alone; a table without the copy, or
+whose copy is missing or does not match, is read from the column.
+
 An image encoder leaves out a study whose CT cannot be read; such studies are listed, with
 the reason, in a CSV file next to the table (``exclusions_path``; columns
 ``EXCLUSION_COLUMNS``), and counted in the table's metadata. Training marks a cohort study
@@ -14,7 +21,9 @@ absent from the table as missing that modality (``helpers.training.split_arrays`
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +43,8 @@ __all__ = [
 ]
 
 _META_KEY = b"helpers"
+# The metadata key naming the tables's .npy copy of its tokens (see the module's docstring).
+_TOKEN_FILE = "token_file"
 # One row per study an extraction left out: its id, the image it could not read, the class
 # of the error and its message (which names the file or folder and what was expected).
 EXCLUSION_COLUMNS = ("study_id", "image_path", "error", "reason")
@@ -154,15 +165,68 @@ def write_embeddings(
         inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), tdim)
         columns["tokens"] = pa.ListArray.from_arrays(pa.array(offsets), inner)
     table = pa.table(columns)
-    meta = dict(metadata or {})
+    meta = {k: v for k, v in (metadata or {}).items() if k != _TOKEN_FILE}
     meta.setdefault("dim", dim)
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    block = _equal_block(tokens)
+    if block is not None:
+        # the copy first, under a name no earlier table used, so that the table never names a
+        # copy of other tokens
+        token_file = token_cache_path(path, uuid.uuid4().hex[:16])
+        tmp = token_file.with_name(token_file.name + ".tmp")
+        with tmp.open("wb") as fh:
+            np.save(fh, block)
+        tmp.replace(token_file)
+        meta[_TOKEN_FILE] = {"file": token_file.name, "study_ids_sha256": _ids_digest(study_ids)}
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)
+    for stale in path.parent.glob(f"{path.stem}.tokens-*.npy"):
+        if stale.name != meta.get(_TOKEN_FILE, {}).get("file"):
+            stale.unlink(missing_ok=True)
     return path
+
+
+def token_cache_path(table: Path, key: str) -> Path:
+    """The ``.npy`` copy of the tokens of the table ``table`` written under ``key``.
+
+    >>> token_cache_path(Path("out/embeddings/pe/image-randconv.parquet"), "0123").as_posix()
+    'out/embeddings/pe/image-randconv.tokens-0123.npy'
+    """
+    table = Path(table)
+    return table.with_name(f"{table.stem}.tokens-{key}.npy")
+
+
+def _equal_block(tokens: list[np.ndarray] | None) -> np.ndarray | None:
+    """The tokens as one (n, T, d) float32 array when every study has the same T > 0."""
+    if not tokens or len({np.shape(t) for t in tokens}) != 1 or np.shape(tokens[0])[0] == 0:
+        return None
+    return np.stack([np.asarray(t, dtype=np.float32) for t in tokens])
+
+
+def _cached_tokens(path: Path, entry: object, ids: np.ndarray, column_type: pa.DataType) -> np.ndarray | None:
+    """The token copy that ``entry`` (the table's ``token_file`` metadata) names, if it is
+    there and was written with these study ids in this order and the column's token dimension;
+    None otherwise (the column is read)."""
+    if not isinstance(entry, dict) or Path(str(entry.get("file", ""))).name != entry.get("file"):
+        return None
+    if entry.get("study_ids_sha256") != _ids_digest(ids):
+        return None
+    try:
+        block = np.load(path.with_name(entry["file"]), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    dim = column_type.value_type.list_size if pa.types.is_fixed_size_list(getattr(column_type, "value_type", None)
+                                                                           or pa.null()) else -1
+    if block.dtype != np.float32 or block.ndim != 3 or len(block) != len(ids) or block.shape[2] != dim:
+        return None
+    return block
+
+
+def _ids_digest(ids) -> str:
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
 
 
 def read_embeddings(path: Path, *, tokens: bool = True) -> EmbeddingTable:
@@ -172,11 +236,15 @@ def read_embeddings(path: Path, *, tokens: bool = True) -> EmbeddingTable:
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"{path}: embedding table not found")
-    names = pq.read_schema(path).names
+    schema = pq.read_schema(path)
+    names = schema.names
+    raw = (schema.metadata or {}).get(_META_KEY)
+    metadata = json.loads(raw) if raw else {}
+    token_entry = metadata.pop(_TOKEN_FILE, None)  # where the tokens' copy is, not what the encoder did
     # memory_map: the file's pages are decoded in place instead of read into a buffer first; on
     # a 210 MB token table that buffer cost 2 to 15 s of page faults (pyarrow's mimalloc pool),
     # the mapped read about 1.3 s. Tables are replaced by renaming, never rewritten in place.
-    table = pq.read_table(path, columns=[c for c in names if tokens or c != "tokens"], memory_map=True)
+    table = pq.read_table(path, columns=[c for c in names if c != "tokens"], memory_map=True)
     for column in ("study_id", "embedding"):
         if column not in table.column_names:
             raise EmbeddingError(f"{path}: missing column {column!r}; expected study_id, embedding[, tokens]")
@@ -190,8 +258,14 @@ def read_embeddings(path: Path, *, tokens: bool = True) -> EmbeddingTable:
     if bad.any():
         problems.append(f"{int(bad.sum())} row(s) with NaN or infinite values, e.g. {', '.join(map(str, ids[bad][:5]))}")
     token_arrays = block = None
-    if "tokens" in table.column_names:
-        token_arrays, block = _token_lists(table.column("tokens"), path)
+    if tokens and "tokens" in names:
+        block = _cached_tokens(path, token_entry, ids, schema.field("tokens").type)
+        if block is not None:
+            token_arrays = list(block)
+        else:
+            column = pq.read_table(path, columns=["tokens"], memory_map=True).column("tokens")
+            token_arrays, block = _token_lists(column, path)
+    if token_arrays is not None:
         if block is not None:  # every study has the same number of tokens: checked in blocks of rows
             step = max(1, (1 << 22) // max(1, block[0].size))
             good = np.concatenate([np.isfinite(block[a:a + step]).all(axis=(1, 2)) for a in range(0, len(block), step)]
@@ -203,8 +277,6 @@ def read_embeddings(path: Path, *, tokens: bool = True) -> EmbeddingTable:
             problems.append(f"{len(bad_tok)} row(s) with empty or non-finite tokens, e.g. {', '.join(map(str, ids[bad_tok][:5]))}")
     if problems:
         raise EmbeddingError(f"{path}: " + "; ".join(problems))
-    raw = (table.schema.metadata or {}).get(_META_KEY)
-    metadata = json.loads(raw) if raw else {}
     return EmbeddingTable(ids, embedding, token_arrays, metadata, block)
 
 

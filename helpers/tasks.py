@@ -177,7 +177,10 @@ class Profile:
     ``sweep_ehr_reprs`` only. ``short_pretraining``: the built-in foundation models pretrain
     for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
     ``probe_encoders``: also extract (and pretrain) the manifest's other image encoders, which
-    the embeddings chapter probes but no model trains on (the fusion models use the first).
+    the embeddings chapter probes but no model trains on (the fusion models use the first); the
+    workflow's ``--config probe_encoders=1`` turns it on for any profile. At paper size it
+    costs about 15 minutes of CPU for ``ct_mae`` (pretraining and extraction of both tasks), so
+    only the tests' twin probes by default.
     ``saliency_fusions``: the fusions whose saliency the study compares with image-only
     (``notebooks/05_saliency.ipynb``, for the grid's first EHR representation and seed), on
     ``saliency_cases`` cases per task with ``saliency_method``.
@@ -210,7 +213,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             probe_encoders=False, saliency_fusions=("cross_attention",)),
     Profile("paper", "the paper's cohort sizes and event rates, three training seeds",
             {"pe": {"internal": 4197, "external": 435}, "mace": {"internal": 3788, "external": 682}},
-            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0)),
+            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0),
+            probe_encoders=False),
 )}
 
 

@@ -87,6 +87,49 @@ def test_slice_preprocess_harmonises_scanners():
     assert float((naive(reference) - naive(other)).abs().mean()) > 3 * float((a - b).abs().mean())  # 0.016
 
 
+def test_token_copy_is_read_instead_of_the_column_and_only_while_it_matches(tmp_path, monkeypatch):
+    import helpers.embeddings as he
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(4, 3)).astype(np.float32)
+    tokens = [rng.normal(size=(5, 3)).astype(np.float32) for _ in range(4)]
+    path = write_embeddings(tmp_path / "e.parquet", list("abcd"), emb, tokens=tokens, metadata={"encoder": "x"})
+    copies = sorted(tmp_path.glob("e.tokens-*.npy"))
+    assert len(copies) == 1
+    # the column keeps the tokens: the table stands alone
+    column = pq.read_table(path, columns=["tokens"]).column("tokens").to_pylist()
+    np.testing.assert_array_equal(np.asarray(column, dtype=np.float32), np.stack(tokens))
+    calls = []
+    real = he._token_lists
+    monkeypatch.setattr(he, "_token_lists", lambda *a: calls.append(1) or real(*a))
+    table = read_embeddings(path)
+    assert calls == [] and table.metadata == {"encoder": "x", "dim": 3}  # from the copy; its name is not metadata
+    np.testing.assert_array_equal(table.token_array(), np.stack(tokens))
+    # a rewrite replaces the copy and removes the old one
+    tokens2 = [t + 1 for t in tokens]
+    write_embeddings(path, list("abcd"), emb, tokens=tokens2)
+    assert [c.exists() for c in copies] == [False] and len(list(tmp_path.glob("e.tokens-*.npy"))) == 1
+    np.testing.assert_array_equal(read_embeddings(path).token_array(), np.stack(tokens2))
+    assert calls == []
+    # rows reordered by another tool (metadata kept): the copy no longer matches, the column is read
+    reordered = pq.read_table(path).take([3, 2, 1, 0])
+    pq.write_table(reordered, path)  # the copy the metadata names is still there
+    assert len(list(tmp_path.glob("e.tokens-*.npy"))) == 1
+    np.testing.assert_array_equal(read_embeddings(path).token_array(), np.stack(tokens2[::-1]))
+    assert calls == [1]
+    # a missing or damaged copy: the column is read
+    for copy in tmp_path.glob("e.tokens-*.npy"):
+        copy.write_bytes(b"not an array")
+    write_embeddings(tmp_path / "f.parquet", list("abcd"), emb, tokens=tokens)
+    for copy in tmp_path.glob("f.tokens-*.npy"):
+        copy.unlink()
+    np.testing.assert_array_equal(read_embeddings(tmp_path / "f.parquet").token_array(), np.stack(tokens))
+    assert calls == [1, 1]
+    # unequal token counts: no copy
+    write_embeddings(tmp_path / "g.parquet", ["a", "b"], emb[:2], tokens=[tokens[0], tokens[1][:2]])
+    assert list(tmp_path.glob("g.tokens-*.npy")) == []
+
+
 def test_equal_token_counts_read_as_one_array_and_bad_tokens_are_named(tmp_path):
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(5, 3)).astype(np.float32)

@@ -216,3 +216,24 @@ def test_the_dry_run_plans_the_grid_from_the_registry(tmp_path):
     assert all("image-ct_mae" not in line for line in trains)
     assert sum("-p ehr_repr 'clmbr'" in line for line in trains) == len(FUSIONS) - 1
     assert "share-1_interaction-0.35_seed-11" in out, "the imbalance study is the same rules at another setting"
+
+
+def test_probing_other_image_encoders_follows_the_profile_or_the_config(tmp_path):
+    """The tiny profile probes ct_mae (pretrained and extracted, no model trains on it); the
+    paper profile does not unless ``probe_encoders=1``; a value other than 0 or 1 is refused."""
+    tiny_manifest(tmp_path)
+
+    def planned(*config):
+        dry = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p", "--config", "tasks=pe", "book=0",
+                              "sweep=0", *config], capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        return dry.stdout + dry.stderr
+
+    assert "image-ct_mae.parquet" in planned()
+    assert "image-ct_mae.parquet" not in planned("probe_encoders=0")
+    assert "image-ct_mae.parquet" not in planned("profile=paper")
+    paper = planned("profile=paper", "probe_encoders=1")
+    assert "image-ct_mae.parquet" in paper and "02_pretrain/ct_mae.ipynb" in paper
+    bad = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "--config", "probe_encoders=yes"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--config probe_encoders: expected 0 or 1, got 'yes'" in bad.stdout + bad.stderr
