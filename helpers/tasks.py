@@ -161,7 +161,7 @@ UNIMODAL_IMAGE = "none"
 # ----------------------------------------------------------------------------- twin profiles and settings
 
 # The twin's default cross-modal interaction (kappa, see helpers.twin).
-DEFAULT_INTERACTION = 0.35
+DEFAULT_INTERACTION = 0.75
 
 
 @dataclass(frozen=True)

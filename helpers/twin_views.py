@@ -17,9 +17,9 @@ import pandas as pd
 from lifelines import KaplanMeierFitter
 
 from helpers.imaging import load_volume, window
-from helpers.tasks import TASKS
+from helpers.tasks import DEFAULT_INTERACTION, TASKS
 from helpers.truth import read_lesions, read_mask, read_truth
-from helpers.twin import INSTITUTIONS, factor_effects
+from helpers.twin import INSTITUTIONS, factor_effects, information_balance
 
 __all__ = [
     "WINDOWS",
@@ -283,18 +283,37 @@ def knob_table(info: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["knob", "value", "what it sets"]).set_index("knob")
 
 
-def factor_table(task: str, image_share: float) -> pd.DataFrame:
-    """Which modality shows each factor and how it enters the true log-hazard (per unit of
-    the factor, natural-log units; see ``helpers.twin.factor_effects``)."""
-    t = pd.DataFrame(factor_effects(task, image_share))
+def factor_table(task: str, image_share: float, interaction: float = DEFAULT_INTERACTION) -> pd.DataFrame:
+    """Which modality shows each factor, its group (CT-exclusive, EHR-exclusive, shared) and
+    how it enters the true log-hazard (per unit of the factor, natural-log units; see
+    ``helpers.twin.factor_effects``)."""
+    t = pd.DataFrame(factor_effects(task, image_share, interaction=interaction))
     t["CT"] = np.where(t["ct"], "yes", "")
     t["EHR"] = np.where(t["ehr"], "yes", "")
+    t["group"] = t["group"].map({"ct": "CT-exclusive", "ehr": "EHR-exclusive", "shared": "shared"})
     t["interaction"] = t["interaction"].map(
-        {"core": "CT factor of the interaction", "modifier": "EHR modifier", "": ""}
+        {"core": "CT factor of the interaction", "modifier": "EHR factor of the interaction", "": ""}
     )
-    t = t.rename(columns={"image_term": "image part (per unit)", "ehr_term": "EHR part (per unit)"})
-    cols = ["factor", "CT", "EHR", "image part (per unit)", "EHR part (per unit)", "interaction"]
+    t = t.rename(columns={"term": "log-hazard per unit"})
+    cols = ["factor", "CT", "EHR", "group", "log-hazard per unit", "interaction"]
     return t[cols].set_index("factor")
+
+
+def balance_table(task_dir: Path, task: str) -> pd.DataFrame:
+    """What each group of factors explains of the true log-hazard of the internal studies
+    (``helpers.twin.information_balance``: R^2 of a fit on the factors and their squares)."""
+    factors = read_truth(*_where(Path(task_dir)), reader=_READER)
+    internal = factors[factors["institution"] == INSTITUTIONS["internal"][0]]
+    r2 = information_balance(internal, task)
+    labels = {
+        "ct_exclusive": "CT-exclusive factors",
+        "ehr_exclusive": "EHR-exclusive factors",
+        "ct_visible": "everything the CT shows",
+        "ehr_visible": "everything the records show",
+        "additive": "all factors, additively",
+        "non_additive": "non-additive share (the interaction)",
+    }
+    return pd.DataFrame({"R²": [r2[k] for k in labels]}, index=pd.Index(labels.values(), name="explains"))
 
 
 def event_rate_table(info: dict[str, Any]) -> pd.DataFrame:

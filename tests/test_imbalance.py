@@ -10,13 +10,13 @@ import pytest
 
 from helpers import imbalance
 from helpers.compare import ORACLE, model_label
-from helpers.tasks import Setting
+from helpers.tasks import DEFAULT_INTERACTION, Setting
 
 matplotlib.use("Agg")
 
 
 def test_collect_reads_each_setting_and_names_a_missing_one(tmp_path):
-    settings = [Setting("tiny", s, 0.35, 3) for s in (0.0, 1.0)]
+    settings = [Setting("tiny", s, DEFAULT_INTERACTION, 3) for s in (0.0, 1.0)]
     for k, setting in enumerate(settings):
         folder = tmp_path / setting.label / "comparisons" / "pe"
         folder.mkdir(parents=True)
@@ -26,9 +26,9 @@ def test_collect_reads_each_setting_and_names_a_missing_one(tmp_path):
     results = imbalance.collect(tmp_path, settings, ("pe",))
     assert list(results["image_share"]) == [0.0, 0.0, 1.0, 1.0], "only what the sweep trains (one-hot, seed 0)"
     assert results.loc[results["model"] == "Image only", "c_index"].tolist() == [0.6, 0.7]
-    assert set(results["twin_seed"]) == {3} and set(results["interaction"]) == {0.35}
-    missing = settings + [Setting("tiny", 0.5, 0.35, 3)]
-    with pytest.raises(FileNotFoundError, match=r"share-0.5_interaction-0.35_seed-3/comparisons/pe/cindex.csv: no comparison"):
+    assert set(results["twin_seed"]) == {3} and set(results["interaction"]) == {DEFAULT_INTERACTION}
+    missing = settings + [Setting("tiny", 0.5, DEFAULT_INTERACTION, 3)]
+    with pytest.raises(FileNotFoundError, match=r"share-0.5_interaction-0.75_seed-3/comparisons/pe/cindex.csv: no comparison"):
         imbalance.collect(tmp_path, missing, ("pe",))
 
 

@@ -39,8 +39,8 @@ def test_the_shipped_manifest_loads():
 def test_relative_paths_resolve_against_the_manifest_folder(tmp_path):
     manifest = load(write(tmp_path, GOOD))
     assert manifest.output_dir == tmp_path / "out"
-    assert manifest.run_root == tmp_path / "out" / "quick" / "share-0.4_interaction-0.35_seed-3"
-    assert manifest.with_profile("paper").run_root == tmp_path / "out" / "paper" / "share-0.4_interaction-0.35_seed-3"
+    assert manifest.run_root == tmp_path / "out" / "quick" / "share-0.4_interaction-0.75_seed-3"
+    assert manifest.with_profile("paper").run_root == tmp_path / "out" / "paper" / "share-0.4_interaction-0.75_seed-3"
     other = manifest.with_setting(Setting("tiny", 1.0, 0.0, 5))
     assert other.run_root == tmp_path / "out" / "tiny" / "share-1_interaction-0_seed-5"
     assert Setting.from_label(other.root_label) == other.synthetic.setting

@@ -91,7 +91,7 @@ def test_results_are_numbers_with_the_oracle_as_a_reference_row(study):
     assert list(table.columns) == ["Internal PE", "External PE"] and table.index[-1] == ORACLE
     sweep = pd.read_csv(root / "imbalance" / "imbalance.csv")
     assert set(sweep["image_share"]) == {1.0} and set(sweep["ehr_repr"].dropna()) <= {"none", "onehot"}
-    assert (study["root"].parent / "sweep" / "share-1_interaction-0.35_seed-11" / "runs").is_dir()
+    assert (study["root"].parent / "sweep" / "share-1_interaction-0.75_seed-11" / "runs").is_dir()
     params = json.loads((root / "runs" / "pe" / "onehot" / "concat" / "seed-0" / "params.json").read_text())
     assert params["fusion"] == "concat" and len(params["inputs_sha256"]) == 3
     assert params["image_embeddings"].endswith("image-randconv.parquet"), "the manifest's first image encoder"
@@ -215,7 +215,7 @@ def test_the_dry_run_plans_the_grid_from_the_registry(tmp_path):
     assert len(trains) == runs + len(FUSIONS)
     assert all("image-ct_mae" not in line for line in trains)
     assert sum("-p ehr_repr 'clmbr'" in line for line in trains) == len(FUSIONS) - 1
-    assert "share-1_interaction-0.35_seed-11" in out, "the imbalance study is the same rules at another setting"
+    assert "share-1_interaction-0.75_seed-11" in out, "the imbalance study is the same rules at another setting"
 
 
 def test_probing_other_image_encoders_follows_the_profile_or_the_config(tmp_path):

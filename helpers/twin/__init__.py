@@ -77,15 +77,25 @@ The package's modules, each importing only those above it::
 from __future__ import annotations
 
 from helpers.twin.build import GENERATOR_VERSION, generate
-from helpers.twin.factors import FACTOR_COLUMNS, VISIBILITY, factor_effects
+from helpers.twin.factors import (
+    FACTOR_COLUMNS,
+    GROUPS,
+    PARTS,
+    VISIBILITY,
+    factor_effects,
+    information_balance,
+)
 from helpers.twin.records import INSTITUTIONS, OMOP_TABLE_NAMES
 
 __all__ = [
     "GENERATOR_VERSION",
     "INSTITUTIONS",
     "FACTOR_COLUMNS",
+    "GROUPS",
+    "PARTS",
     "VISIBILITY",
     "OMOP_TABLE_NAMES",
     "factor_effects",
     "generate",
+    "information_balance",
 ]

@@ -52,7 +52,7 @@ __all__ = ["GENERATOR_VERSION", "generate"]
 # on the event rates, the ``interaction`` parameter. The ``paper`` profile's files are those
 # of 1.2.0.
 # 1.4.0: each mask file also holds the anatomy map (heart, pulmonary arteries) for saliency.
-GENERATOR_VERSION = "1.4.0"
+GENERATOR_VERSION = "1.5.0"
 
 
 def _image_jobs(

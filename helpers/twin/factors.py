@@ -19,7 +19,8 @@ from scipy.special import ndtri
 
 from helpers.tasks import DEFAULT_INTERACTION, TASKS
 
-__all__ = ["FACTOR_COLUMNS", "VISIBILITY", "factor_effects"]
+__all__ = ["FACTOR_COLUMNS", "VISIBILITY", "GROUPS", "INTERACTIONS", "PARTS", "SHARED_WEIGHT", "factor_effects",
+           "information_balance"]
 
 FACTOR_COLUMNS: tuple[str, ...] = (
     "age",
@@ -58,6 +59,15 @@ VISIBILITY: dict[str, tuple[str, ...]] = {
     "rv_strain": ("ct", "ehr"),  # RV size; troponin, NT-proBNP, pulse, SpO2, I26.09
 }
 
+
+# The groups the log-hazard is built from: factors only the CT shows, only the records show,
+# and both show. The copula correlates factors only within a group.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ct": tuple(k for k, v in VISIBILITY.items() if v == ("ct",)),
+    "ehr": tuple(k for k, v in VISIBILITY.items() if v == ("ehr",)),
+    "shared": tuple(k for k, v in VISIBILITY.items() if set(v) == {"ct", "ehr"}),
+}
+_GROUP_OF = {k: g for g, names in GROUPS.items() for k in names}
 
 _REFERENCE_N = 20_000
 
@@ -105,7 +115,7 @@ _SPECS: dict[str, _TaskSpec] = {
         studies_per_patient={"internal": 4542 / 3764, "external": 435 / 396},
         target_rate={"internal": 0.07, "external": 0.19},
         weibull_shape=0.7,
-        beta=1.55,
+        beta=1.0,
         contrast=True,
     ),
     "mace": _TaskSpec(
@@ -130,40 +140,32 @@ _SPECS: dict[str, _TaskSpec] = {
         studies_per_patient={"internal": 4133 / 3947, "external": 682 / 665},
         target_rate={"internal": 0.46, "external": 0.28},
         weibull_shape=1.0,
-        beta=1.25,
+        beta=1.1,
         contrast=False,
     ),
 }
 
 
 
-# Pairwise correlations of the copula's latent normals (unlisted pairs: 0).
+# Pairwise correlations of the copula's latent normals (unlisted pairs: 0). Factors correlate
+# only within their group (``GROUPS``: CT-exclusive, EHR-exclusive, shared): a factor only one
+# modality shows must leave no trace in the other, not even through a correlated factor, or
+# ``image_share`` would not split the information between the modalities (a clinical
+# correlation such as clot burden with RV strain, or coronary calcium with age, is given up for
+# that).
 _CORRELATIONS: dict[tuple[str, str], float] = {
-    ("age", "coronary_calcium"): 0.50,
     ("age", "renal_dysfunction"): 0.35,
     ("age", "frailty"): 0.45,
-    ("age", "cardiac_dysfunction"): 0.30,
     ("age", "hypertension"): 0.35,
     ("age", "diabetes"): 0.20,
     ("age", "cancer"): 0.15,
-    ("male", "coronary_calcium"): 0.20,
-    ("coronary_calcium", "diabetes"): 0.30,
-    ("coronary_calcium", "smoking"): 0.25,
-    ("coronary_calcium", "hypertension"): 0.25,
-    ("coronary_calcium", "cardiac_dysfunction"): 0.25,
-    ("cardiac_dysfunction", "renal_dysfunction"): 0.25,
-    ("cardiac_dysfunction", "pa_dilation"): 0.30,
-    ("cardiac_dysfunction", "frailty"): 0.20,
     ("chronic_lung_disease", "smoking"): 0.45,
-    ("chronic_lung_disease", "pa_dilation"): 0.30,
     ("cancer", "frailty"): 0.25,
     ("cancer", "smoking"): 0.20,
     ("renal_dysfunction", "diabetes"): 0.25,
     ("renal_dysfunction", "hypertension"): 0.25,
-    ("clot_burden", "rv_strain"): 0.60,
-    ("clot_burden", "pa_dilation"): 0.20,
+    ("cardiac_dysfunction", "pa_dilation"): 0.30,
     ("rv_strain", "pa_dilation"): 0.30,
-    ("rv_strain", "chronic_lung_disease"): 0.15,
 }
 
 
@@ -206,18 +208,27 @@ def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, 0.0)
 
 
-def _raw_parts(
-    task: str, f: dict[str, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Unstandardised (image, ehr, interaction core, interaction modifier) of the log-hazard."""
+_RELU_MEAN = 1.0 / math.sqrt(2.0 * math.pi)  # E[max(Z, 0)] for a standard normal Z
+
+
+# The cross-modal interaction of each task: a CT-exclusive factor times a continuous
+# EHR-exclusive one (pe: a large clot kills the frail; mace: coronary calcium matters more
+# with kidney disease).
+INTERACTIONS: dict[str, tuple[str, str]] = {
+    "pe": ("clot_burden", "frailty"),
+    "mace": ("coronary_calcium", "renal_dysfunction"),
+}
+# gamma: the weight of the shared part (factors both modalities show), fixed at every image share.
+SHARED_WEIGHT = 0.5
+PARTS: tuple[str, ...] = ("ct_part", "ehr_part", "shared_part", "interaction_part")
+
+
+def _raw_parts(task: str, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Unstandardised parts of the log-hazard: ``ct`` (CT-exclusive factors), ``ehr``
+    (EHR-exclusive), ``shared`` (factors both show) and ``interaction`` (the product of the
+    task's ``INTERACTIONS`` pair)."""
     if task == "pe":
-        core = 0.8 * f["clot_burden"] + 0.6 * f["rv_strain"]
-        image = (
-            core
-            + 0.3 * _relu(f["rv_strain"]) ** 2
-            + 0.3 * f["pa_dilation"]
-            + 0.35 * f["cardiac_dysfunction"]
-        )
+        ct = f["clot_burden"] + 0.3 * _relu(f["clot_burden"]) ** 2
         ehr = (
             0.05 * (f["age"] - 62.0)
             + 0.2 * f["male"]
@@ -229,18 +240,15 @@ def _raw_parts(
             + 0.2 * f["diabetes"]
             + 0.1 * f["hypertension"]
             + 0.2 * f["smoking"]
-            + 0.25 * f["cardiac_dysfunction"]
         )
-        modifier = np.maximum(f["cancer"], f["chronic_lung_disease"])
+        shared = (
+            0.6 * f["rv_strain"]
+            + 0.3 * _relu(f["rv_strain"]) ** 2
+            + 0.3 * f["pa_dilation"]
+            + 0.35 * f["cardiac_dysfunction"]
+        )
     else:
-        core = f["coronary_calcium"]
-        image = (
-            core
-            + 0.25 * _relu(f["coronary_calcium"]) ** 2
-            + 0.5 * f["cardiac_dysfunction"]
-            + 0.2 * f["pa_dilation"]
-            + 0.15 * f["rv_strain"]
-        )
+        ct = f["coronary_calcium"] + 0.25 * _relu(f["coronary_calcium"]) ** 2
         ehr = (
             0.06 * (f["age"] - 63.0)
             + 0.3 * f["male"]
@@ -250,12 +258,17 @@ def _raw_parts(
             + 0.3 * f["renal_dysfunction"]
             + 0.1 * _relu(f["renal_dysfunction"]) ** 2
             + 0.3 * f["frailty"]
-            + 0.35 * f["cardiac_dysfunction"]
             + 0.2 * f["cancer"]
             + 0.1 * f["chronic_lung_disease"]
         )
-        modifier = f["diabetes"]
-    return image, ehr, core, modifier
+        shared = 0.5 * f["cardiac_dysfunction"] + 0.2 * f["pa_dilation"] + 0.15 * f["rv_strain"]
+    a, b = INTERACTIONS[task]
+    if task == "pe":
+        # only a large clot in a frail patient: the positive parts, each centred on its
+        # population mean so that the product stays orthogonal to every single-factor term
+        return {"ct": ct, "ehr": ehr, "shared": shared,
+                "interaction": (_relu(f[a]) - _RELU_MEAN) * (_relu(f[b]) - _RELU_MEAN)}
+    return {"ct": ct, "ehr": ehr, "shared": shared, "interaction": f[a] * f[b]}
 
 
 def _study_factors(task: str, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -271,22 +284,18 @@ def _study_factors(task: str, f: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class _Standardiser:
-    """Means and sds of the raw parts in the internal reference population."""
+    """Means and sds of the raw parts (``_raw_parts``) in the internal reference population."""
 
-    image: tuple[float, float]
-    ehr: tuple[float, float]
-    core: tuple[float, float]
+    moments: dict[str, tuple[float, float]]
+
+    def __call__(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (raw[k] - m) / sd for k, (m, sd) in self.moments.items()}
 
 
 def _standardiser(task: str, spec: _TaskSpec, seed: int, task_index: int) -> _Standardiser:
     rng = np.random.default_rng([seed, task_index, 7919])
-    f = _study_factors(task, _draw_factors(rng, spec, _REFERENCE_N, {}))
-    image, ehr, core, _ = _raw_parts(task, f)
-
-    def ms(x: np.ndarray) -> tuple[float, float]:
-        return float(x.mean()), float(x.std())
-
-    return _Standardiser(ms(image), ms(ehr), ms(core))
+    raw = _raw_parts(task, _study_factors(task, _draw_factors(rng, spec, _REFERENCE_N, {})))
+    return _Standardiser({k: (float(v.mean()), float(v.std())) for k, v in raw.items()})
 
 
 def _log_hazard(
@@ -297,21 +306,19 @@ def _log_hazard(
     image_share: float,
     interaction: float,
 ) -> dict[str, np.ndarray]:
-    """The true log-hazard of factors ``f`` and its parts; ``interaction`` is kappa, the weight
-    of the standardised CT core times the EHR modifier (before ``beta``)."""
-    image, ehr, core, modifier = _raw_parts(task, f)
-    img = (image - std.image[0]) / std.image[1]
-    e = (ehr - std.ehr[0]) / std.ehr[1]
-    inter = interaction * (core - std.core[0]) / std.core[1] * modifier
-    image_part = spec.beta * math.sqrt(image_share) * img
-    ehr_part = spec.beta * math.sqrt(1.0 - image_share) * e
-    inter_part = spec.beta * inter
-    return {
-        "image_part": image_part,
-        "ehr_part": ehr_part,
-        "interaction_part": inter_part,
-        "true_log_hazard": image_part + ehr_part + inter_part,
+    """The true log-hazard of factors ``f`` and its parts (``PARTS``):
+    ``beta * (sqrt(s) * ct + sqrt(1 - s) * ehr + gamma * shared + kappa * interaction)``, each
+    part standardised on the internal reference population, ``s = image_share``, ``gamma =
+    SHARED_WEIGHT``, ``kappa = interaction``."""
+    z = std(_raw_parts(task, f))
+    parts = {
+        "ct_part": spec.beta * math.sqrt(image_share) * z["ct"],
+        "ehr_part": spec.beta * math.sqrt(1.0 - image_share) * z["ehr"],
+        "shared_part": spec.beta * SHARED_WEIGHT * z["shared"],
+        "interaction_part": spec.beta * interaction * z["interaction"],
     }
+    parts["true_log_hazard"] = sum(parts[k] for k in PARTS)
+    return parts
 
 
 def _check_interaction(interaction: Any, caller: str) -> float:
@@ -343,16 +350,18 @@ def factor_effects(
     """How each factor enters ``task``'s true log-hazard, one dict per factor.
 
     Keys: ``factor``; ``ct`` / ``ehr`` (bool: the modality shows it, see ``VISIBILITY``);
-    ``image_term`` / ``ehr_term``: mean change of the image / EHR part of the log-hazard
-    (natural-log units, after ``beta`` and the ``image_share`` weights) per unit of the
-    factor (per year for ``age``, from 0 to 1 for binary factors), over the internal
-    reference population; ``interaction``: ``"core"`` (the CT factor of the cross-modal
-    interaction), ``"modifier"`` (the EHR factor) or ``""`` (every factor when the
+    ``group`` (``GROUPS``: ``ct``, ``ehr`` or ``shared``); ``term``: mean change of the
+    log-hazard's additive part (natural-log units, after ``beta``, the ``image_share`` weights
+    and gamma) per unit of the factor (per year for ``age``, from 0 to 1 for binary factors),
+    over the internal reference population; ``interaction``: ``"core"`` (the CT factor of the
+    cross-modal interaction), ``"modifier"`` (its EHR factor) or ``""`` (every factor when the
     ``interaction`` weight, kappa, is 0). Positive = higher hazard.
 
     >>> rows = {r["factor"]: r for r in factor_effects("mace", image_share=0.5)}
-    >>> rows["coronary_calcium"]["interaction"], rows["diabetes"]["interaction"]
+    >>> rows["coronary_calcium"]["interaction"], rows["renal_dysfunction"]["interaction"]
     ('core', 'modifier')
+    >>> rows["coronary_calcium"]["group"], rows["age"]["group"], rows["cardiac_dysfunction"]["group"]
+    ('ct', 'ehr', 'shared')
     >>> {r["interaction"] for r in factor_effects("mace", interaction=0.0)}
     {''}
     """
@@ -368,9 +377,17 @@ def factor_effects(
     std = _standardiser(task, spec, seed, task_index)
     rng = np.random.default_rng([seed, task_index, 104729])
     f = _study_factors(task, _draw_factors(rng, spec, 4000, {}))
-    base = _raw_parts(task, f)
-    w_img = spec.beta * math.sqrt(image_share) / std.image[1]
-    w_ehr = spec.beta * math.sqrt(1.0 - image_share) / std.ehr[1]
+    weights = {
+        "ct": spec.beta * math.sqrt(image_share),
+        "ehr": spec.beta * math.sqrt(1.0 - image_share),
+        "shared": spec.beta * SHARED_WEIGHT,
+    }
+
+    def additive(g: dict[str, np.ndarray]) -> np.ndarray:
+        z = std(_raw_parts(task, g))
+        return sum(w * z[k] for k, w in weights.items())
+
+    base = additive(f)
     rows = []
     for name in FACTOR_COLUMNS:
         if np.isnan(f[name]).all():
@@ -378,22 +395,73 @@ def factor_effects(
         if name in _BINARY:
             lo, hi = dict(f), dict(f)
             lo[name], hi[name] = np.zeros_like(f[name]), np.ones_like(f[name])
-            a, b, step = _raw_parts(task, lo), _raw_parts(task, hi), 1.0
+            term = float(np.mean(additive(hi) - additive(lo)))
         else:
             moved = dict(f)
             moved[name] = f[name] + 0.1
-            a, b, step = base, _raw_parts(task, moved), 0.1
-        diff = [float(np.mean(hi_ - lo_)) / step for lo_, hi_ in zip(a, b, strict=True)]
+            term = float(np.mean(additive(moved) - base)) / 0.1
+        core, modifier = INTERACTIONS[task]
         rows.append(
             {
                 "factor": name,
                 "ct": "ct" in VISIBILITY[name],
                 "ehr": "ehr" in VISIBILITY[name],
-                "image_term": round(w_img * diff[0], 3),
-                "ehr_term": round(w_ehr * diff[1], 3),
-                "interaction": ("core" if diff[2] else ("modifier" if diff[3] else ""))
-                if coupled
-                else "",
+                "group": _GROUP_OF[name],
+                "term": round(term, 3),
+                "interaction": {core: "core", modifier: "modifier"}.get(name, "") if coupled else "",
             }
         )
     return rows
+
+
+def _design(frame: Any, names: list[str]) -> np.ndarray:
+    """Columns 1, x and x^2 (x alone for binary factors) of the factors ``names`` of ``frame``."""
+    columns = [np.ones(len(frame))]
+    for name in names:
+        x = np.asarray(frame[name], dtype=float)
+        columns.append(x)
+        if name not in _BINARY:
+            columns.append(x**2)
+    return np.column_stack(columns)
+
+
+def _r2(y: np.ndarray, x: np.ndarray) -> float:
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ coef
+    return float(1.0 - resid.var() / y.var()) if y.var() > 0 else float("nan")
+
+
+def information_balance(frame: Any, task: str, *, column: str = "true_log_hazard") -> dict[str, float]:
+    """How much of ``column`` (in ``frame``, one row per study with the factor columns) each
+    group of factors explains: the R^2 of a least-squares fit on the factors with their squares
+    (binary factors alone) of the CT-exclusive factors (``ct_exclusive``), the EHR-exclusive
+    ones (``ehr_exclusive``), everything each modality shows (``ct_visible``, ``ehr_visible``)
+    and all factors (``additive``); ``non_additive`` is 1 - ``additive``, the share no sum of
+    single-factor terms captures. Factors that are missing for the task (pe's clot burden in
+    mace) are left out. With ``scan_log_hazard`` in ``frame`` (the ground truth's columns),
+    only the studies whose own factors made the true log-hazard are fitted: a later pe study
+    shows a new clot but keeps its patient's first outcome.
+    """
+    present = [k for k in FACTOR_COLUMNS if k in frame and np.isfinite(np.asarray(frame[k], dtype=float)).all()]
+    missing = [k for k in FACTOR_COLUMNS if k not in frame and k != "clot_burden"]
+    if missing:
+        raise ValueError(f"information_balance: frame lacks the factor column(s) {', '.join(missing)}")
+    if column not in frame:
+        raise ValueError(f"information_balance: frame lacks the column {column!r}")
+    if "scan_log_hazard" in frame and column == "true_log_hazard":
+        # a later pe study shows a new clot but keeps the first study's outcome: only the rows
+        # whose own factors made their log-hazard (first studies, every mace study) are fitted
+        own = np.isclose(np.asarray(frame["scan_log_hazard"], dtype=float), np.asarray(frame[column], dtype=float),
+                         rtol=0.0, atol=1e-9)
+        frame = frame[own] if hasattr(frame, "loc") else {k: np.asarray(v)[own] for k, v in frame.items()}
+    y = np.asarray(frame[column], dtype=float)
+    sets = {
+        "ct_exclusive": [k for k in present if VISIBILITY[k] == ("ct",)],
+        "ehr_exclusive": [k for k in present if VISIBILITY[k] == ("ehr",)],
+        "ct_visible": [k for k in present if "ct" in VISIBILITY[k]],
+        "ehr_visible": [k for k in present if "ehr" in VISIBILITY[k]],
+        "additive": present,
+    }
+    out = {name: round(_r2(y, _design(frame, names)), 4) for name, names in sets.items()}
+    out["non_additive"] = round(1.0 - out["additive"], 4)
+    return out

@@ -114,13 +114,10 @@ def _simulate_cohort(
     sf = {k: v[study_patient].copy() for k, v in pf.items()}
     later = study_rank > 0
     if task == "pe":
-        # a later CTPA shows a new or residual clot; RV strain follows the clot
-        resid = pf["rv_strain"] - 0.6 * pf["clot_burden"]
+        # a later CTPA shows a new or residual clot (RV strain, a shared factor, is the
+        # patient's: it does not follow a CT-exclusive factor, see factors._CORRELATIONS)
         new_clot = 0.5 * sf["clot_burden"] + math.sqrt(0.75) * rng.standard_normal(n_studies)
         sf["clot_burden"] = np.where(later, new_clot, sf["clot_burden"])
-        sf["rv_strain"] = np.where(
-            later, resid[study_patient] + 0.6 * sf["clot_burden"], sf["rv_strain"]
-        )
     scan = _log_hazard(task, spec, sf, std, image_share, interaction)
     # the event time is drawn once per patient from the first study's log-hazard: that is the
     # true log-hazard of every study of the patient; a later scan's own one is kept apart
