@@ -16,33 +16,41 @@
 The sizes come from ``helpers.tasks.PROFILES`` (``tiny``, ``quick``, ``paper``); see
 ``generate`` for its parameters.
 
-How it works. Each patient has correlated latent factors (a Gaussian copula): age, sex,
-coronary calcium, cardiac dysfunction, cancer, renal dysfunction, chronic lung disease,
-frailty, diabetes, hypertension, smoking, pulmonary-artery dilation and, per CT study, clot
-burden and right-ventricular strain (``VISIBILITY`` says which modality shows each: clot burden
-and coronary calcium only the CT; cancer, renal and lung disease, frailty, diabetes,
-hypertension, smoking, age and sex only the records). Continuous factors are unitless severities, standard
-normal in the internal population (higher = worse); binary factors are 0/1; age is in years.
-The true log-hazard is ``beta * (sqrt(s) * image_part + sqrt(1 - s) * ehr_part +
-interaction_part)`` where ``s`` is ``image_share``, the image part uses only CT-visible factors,
-the EHR part only EHR-visible ones (both standardised on a reference sample of the internal
-population, with non-linear terms), and the interaction couples one CT-only and one EHR-only
-factor, weighted by ``interaction`` (kappa, default 0.35; pe: clot burden and RV strain matter
-more with cancer or lung disease; mace: coronary calcium matters more with diabetes). Event
+How it works. Each patient has latent factors (a Gaussian copula): age, sex, coronary
+calcium, cardiac dysfunction, cancer, renal dysfunction, chronic lung disease, frailty,
+diabetes, hypertension, smoking, pulmonary-artery dilation and, per CT study, clot burden and
+right-ventricular strain. ``VISIBILITY`` says which modality shows each, and so which group
+(``GROUPS``) it belongs to: CT-exclusive (clot burden, coronary calcium), EHR-exclusive
+(cancer, renal and lung disease, frailty, diabetes, hypertension, smoking, age, sex) or shared
+(cardiac dysfunction, PA dilation, RV strain). Factors correlate only within their group, so a
+factor one modality cannot show leaves no trace there. Continuous factors are unitless
+severities, standard normal in the internal population (higher = worse); binary factors are
+0/1; age is in years. The true log-hazard is
+
+    beta * (sqrt(s) * ct_part + sqrt(1 - s) * ehr_part + gamma * shared_part + kappa * interaction_part)
+
+(before ``beta``; ``ground_truth/factors.parquet`` stores each part with ``beta`` and its weight
+applied, so that they sum to ``true_log_hazard``), where ``s`` is ``image_share``, ``gamma`` is
+``SHARED_WEIGHT`` (0.5) and ``kappa`` is ``interaction`` (default
+``helpers.tasks.DEFAULT_INTERACTION``). Each part is standardised on a reference sample of the
+internal population and built from its group's factors, with non-linear terms; the
+interaction multiplies a CT-exclusive factor by a continuous EHR-exclusive one (``INTERACTIONS``;
+pe: the positive parts of clot burden and frailty, a large clot in a frail patient; mace:
+coronary calcium times renal dysfunction), centred so that it is orthogonal to every
+single-factor term. ``information_balance`` measures what each group explains. Event
 times follow a Weibull proportional-hazards model whose baseline is calibrated per
 institution (deterministic bisection) to a target event fraction within the horizon: the
 paper's rate (PE 7 % internal, 19 % external; MACE 46 % and 28 %), raised to the profile's
 ``min_event_rate`` where it sets one (the teaching profiles ``tiny`` and ``quick`` raise every
 rate to at least 30 %, so that small cohorts hold enough events; ``paper`` keeps the paper's
 rates). ``twin.json`` records the targets used. A patient's event time is drawn once, from
-the log-hazard of the first study; a later PE study shows a new clot burden and RV strain but
-the same outcome, so in
-``ground_truth/factors.parquet`` every study's ``true_log_hazard`` (and its ``image_part``,
-``ehr_part``, ``interaction_part``) is that of the patient's first study, the one that
-generated the outcome, while ``scan_log_hazard`` is the log-hazard of the study's own factors
-(equal to ``true_log_hazard`` for first studies and for mace). Outcomes are never labelled:
-deaths are ``death`` rows, MACE events are post-index condition codes, censoring is the end of
-the observation period.
+the log-hazard of the first study; a later PE study shows a new clot burden but the same
+outcome, so in ``ground_truth/factors.parquet`` every study's ``true_log_hazard`` (and its
+parts ``ct_part``, ``ehr_part``, ``shared_part``, ``interaction_part``) is that of the
+patient's first study, the one that generated the outcome, while ``scan_log_hazard`` is the
+log-hazard of the study's own factors (equal to ``true_log_hazard`` for first studies and
+for mace). Outcomes are never labelled: deaths are ``death`` rows, MACE events are post-index
+condition codes, censoring is the end of the observation period.
 
 The CT volumes are phantoms at 64 x 64 pixels of 5.5-6 mm: body, lungs, heart and
 ventricles, aorta, spine and the pulmonary arteries (trunk, main branches, three lobar
@@ -64,8 +72,8 @@ depend only on ``seed`` (and the other parameters), not on the number of worker 
 
 The package's modules, each importing only those above it::
 
-    factors    latent factors, their copula, ``VISIBILITY``, the log-hazard and its parts,
-               the standardiser, ``factor_effects``
+    factors    latent factors, their copula, ``VISIBILITY`` and ``GROUPS``, the log-hazard
+               and its parts, the standardiser, ``factor_effects``, ``information_balance``
     outcomes   each institution's cohort: studies per patient, event times calibrated to the
                target rates, censoring, later studies, planted defects, the outcomes as
                recorded and the oracle C-index

@@ -197,17 +197,14 @@ def generate(
     twins whose small cohorts need enough events; ``paper`` keeps the paper's rates).
     ``n_override`` (e.g. ``{"internal": 40, "external": 20}``) replaces the sizes for every
     task (the floor stays). ``seed``: int >= 0; equal arguments give identical parquet files.
-    ``image_share`` in [0, 1] (``data.synthetic.image_share`` in the manifest): how the
-    non-interaction part of the true log-hazard is split between the modalities. The log-hazard
-    is ``beta * (sqrt(s) * image + sqrt(1 - s) * ehr + interaction)`` with ``image`` and
-    ``ehr`` standardised (mean 0, sd 1 in the internal reference population) and built from
-    factors the CT, respectively the records, show; so ``s`` is the image part's share of
-    their variance. At ``s = 0`` the CT part contributes nothing (``image_part`` is 0), at
-    ``s = 1`` the EHR part nothing (``ehr_part`` is 0); the cross-modal interaction (a CT
-    factor times an EHR factor, see the package docstring) stays, so fusion can help at any
-    ``s``. ``interaction`` (kappa, a finite number >= 0; default
-    ``helpers.tasks.DEFAULT_INTERACTION``): the weight of the interaction, the standardised CT
-    core factor times the EHR modifier, before ``beta``; 0 removes it. ``images=False``
+    ``image_share`` in [0, 1] (``data.synthetic.image_share`` in the manifest): the CT's share of
+    the exclusive information. The log-hazard is ``beta * (sqrt(s) * ct + sqrt(1 - s) * ehr +
+    gamma * shared + kappa * interaction)`` (see the package docstring), each part standardised
+    (mean 0, sd 1 in the internal reference population): at ``s = 0`` the CT-exclusive part is
+    0, at ``s = 1`` the EHR-exclusive part is; the shared part and the cross-modal interaction
+    stay, so fusion can help at any ``s``. ``interaction`` (kappa, a finite number >= 0;
+    default ``helpers.tasks.DEFAULT_INTERACTION``, ``data.synthetic.interaction`` in the
+    manifest): the interaction's weight; 0 removes it (the negative control). ``images=False``
     writes everything but the volumes and masks (the imaging index then points at files that
     do not exist). ``workers``: processes rendering volumes (default: up to 2); results do not
     depend on it.

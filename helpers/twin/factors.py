@@ -4,8 +4,9 @@ log-hazard built from them.
 ``FACTOR_COLUMNS`` names the factors, ``VISIBILITY`` the modalities that show each; the
 population of each task (``_SPECS``: ages, prevalences, the external site's shift, the
 paper's event rates, the hazard's scale) and the copula's correlations are set here.
-``_log_hazard`` splits the true log-hazard into its image, EHR and interaction parts (see the
-package docstring); ``factor_effects`` tabulates how each factor enters it.
+``_log_hazard`` splits the true log-hazard into its CT-exclusive, EHR-exclusive, shared and
+interaction parts (see the package docstring); ``factor_effects`` tabulates how each factor
+enters it and ``information_balance`` what each group of factors explains of it.
 """
 
 from __future__ import annotations
