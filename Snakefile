@@ -8,13 +8,14 @@
 #
 # Every output of a setting of the twin lives under <output_dir>/<root>, where <root> is the
 # setting's label (helpers.tasks.Setting: <profile>/share-<s>_interaction-<k>_seed-<n>) or
-# real/<source> for real data. The imbalance study is the same rules at other roots.
+# real/<source> for real data. The mechanism study (helpers.mechanism) writes its settings under
+# <output_dir>/<profile>/sweep/, one job per task and twin seed.
 #
 # Config (--config key=value): manifest (default data_manifest.yaml), profile (tiny, quick,
 # paper; default the manifest's), device (cpu or cuda for the encoders), probe_encoders (1 to
 # also extract and probe the manifest's other image encoders, 0 not to; default the
 # profile's), and to restrict the grid: tasks, ehr_reprs, fusions (comma-separated names of
-# helpers.tasks), sweep (0 to skip the imbalance study), book (0 to skip the book).
+# helpers.tasks), mechanism (0 to skip the mechanism study), book (0 to skip the book).
 
 import hashlib
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from helpers.cohort import MEDS_KINDS
 from helpers.manifest import PRETRAINED_KINDS, dump
 from helpers.manifest import load as load_manifest
+from helpers.mechanism import result_path
 from helpers.tasks import (
     EHR_REPRS,
     FUSIONS,
@@ -86,12 +88,18 @@ if absent:
     raise ValueError(f"{BASE.path}: encoders.ehr: the study grid needs {', '.join(absent)} "
                      f"(declared: {', '.join(BASE.encoders.ehr) or 'none'})")
 
-# The imbalance study: the same rules at other image shares (same twin seed and interaction).
-SWEEP = []
-if SYNTHETIC and str(config.get("sweep", "1")) != "0" and PROFILE.sweep_shares:
-    SWEEP = [Setting(PROFILE.sweep_profile, s, BASE.synthetic.interaction, BASE.synthetic.seed, sweep=True)
-             for s in PROFILE.sweep_shares]
-SWEEP_ROOTS = {s.label for s in SWEEP} - {MAIN}
+# The mechanism study (helpers.mechanism): every strategy at a grid of the twin's settings, one
+# job per task and twin seed (the manifest's seed and the next ones), each writing one folder per
+# setting under <output_dir>/<profile>/sweep/.
+MECHANISM_SEEDS = ()
+if SYNTHETIC and str(config.get("mechanism", "1")) != "0" and PROFILE.mechanism_twin_seeds:
+    MECHANISM_SEEDS = tuple(BASE.synthetic.seed + i for i in range(PROFILE.mechanism_twin_seeds))
+MECHANISM_KAPPAS = tuple(dict.fromkeys(m * BASE.synthetic.interaction for m in PROFILE.mechanism_interactions)) \
+    if SYNTHETIC else ()
+
+
+def mechanism_result(task, twin_seed):
+    return _rel(result_path(BASE.output_dir, PROFILE.mechanism_profile, task, twin_seed))
 
 
 def manifest_for(root):
@@ -103,19 +111,10 @@ def manifest_for(root):
     return BASE.with_setting(Setting.from_label(root))
 
 
-def _is_sweep(root):
-    return root != MAIN and Setting.from_label(root).sweep
-
-
 def grid(root):
     """(ehr_repr, fusion, seed) of the runs trained at ``root``: the study's grid with its
-    profile's seeds, or at a setting of the imbalance study (``<profile>/sweep/...``) the sweep's
-    EHR representations and one seed. It depends on the folder only, never on which study
-    asked for it."""
-    if not _is_sweep(root):
-        return grid_runs(GRID_REPRS, GRID_FUSIONS, _profile(root).seeds)
-    sweep_reprs = tuple(r for r in PROFILES[Setting.from_label(root).profile].sweep_ehr_reprs if r in GRID_REPRS)
-    return grid_runs(sweep_reprs or GRID_REPRS[:1], GRID_FUSIONS, (0,))
+    profile's seeds."""
+    return grid_runs(GRID_REPRS, GRID_FUSIONS, _profile(root).seeds)
 
 
 def _profile(root):
@@ -127,9 +126,7 @@ def _profile(root):
 
 def _probe_encoders(root):
     """Whether ``root`` also extracts the manifest's other image encoders: ``--config
-    probe_encoders=1`` (or 0) overrides the profile's setting; never in the imbalance study."""
-    if _is_sweep(root):
-        return False
+    probe_encoders=1`` (or 0) overrides the profile's setting."""
     value = str(config.get("probe_encoders", "")).strip()
     if value not in ("", "0", "1"):
         raise ParameterError(f"--config probe_encoders: expected 0 or 1, got {value!r}")
@@ -198,16 +195,15 @@ def _manifest_text(root):
         return dump(manifest_for(root), Path(tmp) / "manifest.yaml").read_text()
 
 
-# The manifest of every root this run knows is written now, and rewritten only when it changes.
-for _root in sorted({MAIN} | SWEEP_ROOTS):
-    _write_if_changed(f"{OUT}/{_root}/manifest.yaml", _manifest_text(_root))
+# The manifest of the study's root is written now, and rewritten only when it changes.
+_write_if_changed(f"{OUT}/{MAIN}/manifest.yaml", _manifest_text(MAIN))
 
 
 R = f"{OUT}/{{root}}"
 NB = f"{R}/notebooks"
 
 wildcard_constraints:
-    root=r"[^/]+/(sweep/)?[^/]+",
+    root=r"[^/]+/[^/]+",
     task="|".join(TASKS),
     modality="image|ehr",
     encoder=r"[A-Za-z0-9_]+",
@@ -232,8 +228,9 @@ def main_targets():
         targets += [f"{nb}/{task}/03_train/{r}/{f}/seed-{s}.ipynb" for r, f, s in grid(MAIN)]
         targets.append(f"{nb}/{task}/04_compare.ipynb")
         targets += [f"{nb}/{task}/05_saliency/{r}/{f}/seed-{s}.ipynb" for r, f, s in saliency_runs()]
+        targets += [f"{nb}/{task}/06_mechanism/seed-{n}.ipynb" for n in MECHANISM_SEEDS]
     targets.append(f"{nb}/results/05_results.ipynb")
-    if SWEEP:
+    if MECHANISM_SEEDS:
         targets.append(f"{nb}/results/06_imbalance.ipynb")
     return targets
 
@@ -409,8 +406,8 @@ rule compare:
         notebook=f"{NB}/{{task}}/04_compare.ipynb",
     params:
         cmd=lambda wc, input, output: papermill(
-            "04_compare.ipynb", output.notebook, task=wc.task, runs_dir=f"{OUT}/{wc.root}/runs",
-            n_boot=200 if _is_sweep(wc.root) else 1000, manifest=input.manifest),
+            "04_compare.ipynb", output.notebook, task=wc.task, runs_dir=f"{OUT}/{wc.root}/runs", n_boot=1000,
+            manifest=input.manifest),
     shell:
         "{params.cmd}"
 
@@ -459,19 +456,43 @@ rule results:
         "{params.cmd}"
 
 
+rule mechanism:
+    """The mechanism study for one task and twin seed: every strategy at every setting of the
+    grid (helpers.mechanism), into <output_dir>/<profile>/sweep/<setting>/."""
+    input:
+        manifest=f"{OUT}/{MAIN}/manifest.yaml",
+        notebook=f"{NOTEBOOKS}/06_mechanism.ipynb",
+        code=CODE,
+    output:
+        record=f"{OUT}/{PROFILE.mechanism_profile}/sweep/mechanism-{{task}}-seed-{{twin_seed}}.csv",
+        notebook=f"{OUT}/{MAIN}/notebooks/{{task}}/06_mechanism/seed-{{twin_seed}}.ipynb",
+    wildcard_constraints:
+        twin_seed=r"\d+",
+    params:
+        cmd=lambda wc, input, output: papermill(
+            "06_mechanism.ipynb", output.notebook, task=wc.task, twin_seed=int(wc.twin_seed),
+            profile=PROFILE.mechanism_profile, shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
+            interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS), fusions=",".join(GRID_FUSIONS),
+            manifest=input.manifest),
+    shell:
+        "{params.cmd}"
+
+
 rule imbalance:
     input:
-        tables=[f"{OUT}/{s.label}/comparisons/{t}/cindex.csv" for s in SWEEP for t in GRID_TASKS],
+        records=[mechanism_result(t, n) for t in GRID_TASKS for n in MECHANISM_SEEDS],
         manifest=f"{OUT}/{MAIN}/manifest.yaml",
         notebook=f"{NOTEBOOKS}/06_imbalance.ipynb",
         code=CODE,
     output:
-        table=f"{OUT}/{MAIN}/imbalance/imbalance.csv",
+        table=f"{OUT}/{MAIN}/imbalance/mechanism.csv",
         notebook=f"{OUT}/{MAIN}/notebooks/results/06_imbalance.ipynb",
     params:
         cmd=lambda wc, input, output: papermill(
-            "06_imbalance.ipynb", output.notebook, manifest=input.manifest, profile=PROFILE.sweep_profile,
-            shares=",".join(f"{s.image_share:g}" for s in SWEEP), tasks=",".join(GRID_TASKS),
+            "06_imbalance.ipynb", output.notebook, manifest=input.manifest, profile=PROFILE.mechanism_profile,
+            shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
+            interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS),
+            twin_seeds=",".join(map(str, MECHANISM_SEEDS)), tasks=",".join(GRID_TASKS), fusions=",".join(GRID_FUSIONS),
             out_dir=str(Path(output.table).parent)),
     shell:
         "{params.cmd}"

@@ -25,7 +25,7 @@ __all__ = ["page_title", "sync_book", "build_book", "parse_rulegraph", "rulegrap
 
 PARAMETER_TAG = "injected-parameters"
 _STAGES = {"00_twin": 0, "01_cohort": 1, "02_pretrain": 2, "02_embeddings": 3, "03_train": 4, "04_compare": 5,
-           "05_saliency": 6, "05_results": 7, "06_imbalance": 8}
+           "05_saliency": 6, "06_mechanism": 7, "05_results": 8, "06_imbalance": 9}
 
 
 def page_title(relative: Path) -> str:
@@ -37,6 +37,8 @@ def page_title(relative: Path) -> str:
     'Embeddings (image, randconv): MACE'
     >>> page_title(Path("mace/05_saliency/onehot/cross_attention/seed-0.ipynb"))
     'Saliency: MACE, Cross-attention (onehot) against image only'
+    >>> page_title(Path("pe/06_mechanism/seed-3.ipynb"))
+    'Mechanism study: PE, twin seed 3'
     >>> page_title(Path("results/05_results.ipynb"))
     'Results: Table 1'
     """
@@ -63,6 +65,8 @@ def page_title(relative: Path) -> str:
     if stage == "05_saliency":
         ehr_repr, fusion, _ = rest
         return f"Saliency: {task.upper()}, {STRATEGIES[fusion].label} ({ehr_repr}) against image only"
+    if stage == "06_mechanism":
+        return f"Mechanism study: {task.upper()}, twin seed {rest[0].removeprefix('seed-')}"
     raise ValueError(f"{relative}: not a notebook of the study")
 
 
@@ -137,7 +141,8 @@ def _reproducibility(generated: Path, rulegraph: str | None, n_pages: int) -> No
         "The study is a Snakemake workflow (`Snakefile`) whose rules are the notebooks: each rule runs one",
         "notebook with papermill, with the parameters shown at the top of its page, so a rule is exactly",
         "the command you would type. Every setting of the digital twin (profile, image share, interaction,",
-        "seed) is a folder of its own, and the imbalance study is the same rules at other settings.", "",
+        "seed) is a folder of its own; the mechanism study runs the same entry points at a grid of",
+        "settings, one job per task and twin seed (`helpers.mechanism`).", "",
         "```bash",
         "make study                                   # snakemake --cores all, then this book",
         "make study PROFILE=quick                     # the teaching twin (a few minutes)",

@@ -137,18 +137,33 @@ def require_meds(manifest: Manifest, task: str) -> Path:
     return folder
 
 
-def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, paths: dict, *,
-           device: str, batch_size: int, num_workers: int, progress: Callable | None, excluded: list[dict]) -> tuple:
-    """Encode the cohort's CTs; a study whose CT cannot be read is left out of the returned
-    ids and rows, and appended to ``excluded`` (dicts with ``EXCLUSION_COLUMNS``)."""
+def _imaging_of(manifest: Manifest, task: str, studies: list[str]) -> pd.DataFrame:
+    """The CT files of ``studies`` from the imaging index itself (not the cohort's imaging
+    table), indexed by study id, with absolute paths."""
+    _, index_path, root = hc.imaging_source(manifest, task)
+    index = hc.read_imaging_index(index_path).drop_duplicates("study_id").set_index("study_id")
+    unknown = [s for s in studies if s not in index.index]
+    if unknown:
+        raise EmbeddingError(f"parameter 'studies': {len(unknown)} studies are not in {index_path}, "
+                             f"e.g. {', '.join(unknown[:5])}")
+    imaging = index.loc[studies, ["image_path"]].copy()
+    imaging["image_path"] = [str((Path(root) / p).resolve()) for p in imaging["image_path"]]
+    return imaging
+
+
+def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, imaging: pd.DataFrame,
+           source: Path, *, device: str, batch_size: int, num_workers: int, progress: Callable | None,
+           excluded: list[dict]) -> tuple:
+    """Encode the cohort's CTs (their files in ``imaging``, read from ``source``); a study whose
+    CT cannot be read is left out of the returned ids and rows, and appended to ``excluded``
+    (dicts with ``EXCLUSION_COLUMNS``)."""
     from helpers.encoders import SlicePreprocess, VolumeDataset, encode_volumes, image_encoder
 
     checkpoint, sha = checkpoint_for(manifest, task, name, spec)
     model = image_encoder(name, spec, default_checkpoint=checkpoint)
-    imaging = pd.read_parquet(paths["imaging"]).set_index("study_id")
     missing = [s for s in cohort["study_id"] if s not in imaging.index]
     if missing:
-        raise EmbeddingError(f"{paths['imaging']}: {len(missing)} cohort studies have no image, e.g. {', '.join(missing[:5])}")
+        raise EmbeddingError(f"{source}: {len(missing)} cohort studies have no image, e.g. {', '.join(missing[:5])}")
     imaging = imaging.loc[cohort["study_id"]]
     preprocess = SlicePreprocess(window_hu=get_task(task).window_hu, size=model.input_size)
     dataset = VolumeDataset(list(cohort["study_id"]), list(imaging["image_path"]), preprocess)
@@ -239,9 +254,12 @@ def _table(manifest: Manifest, modality: str, name: str, spec: EncoderSpec, coho
 
 
 def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: str = "cpu", batch_size: int = 16,
-            num_workers: int = 0, progress: Callable | None = None) -> Extraction:
+            num_workers: int = 0, progress: Callable | None = None, studies: list[str] | None = None) -> Extraction:
     """Encode every study of ``task``'s cohort with encoder ``name`` of ``modality`` and write
     the embedding table. Returns an ``Extraction`` (path, description, counts, timings).
+    ``studies`` (image encoders that read CTs only): encode these study ids of the imaging
+    index instead of the cohort's (the mechanism study encodes the studies of all its settings'
+    cohorts once; ``helpers.mechanism``).
 
     An image encoder (not ``kind: table``) leaves out the studies whose CT cannot be read and
     writes them with their reasons to the exclusions CSV next to the table (a header only when
@@ -256,12 +274,22 @@ def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: 
     started = time.perf_counter()
     excluded: list[dict] = []
     reads_images = modality == "image" and spec.kind != "table"
+    if studies is not None and not reads_images:
+        raise ValueError(f"parameter 'studies': only for an image encoder that reads CTs, not {modality} encoder "
+                         f"{name!r} of kind {spec.kind!r}")
     if spec.kind == "table":
         ids, embedding, tokens, metadata, stats = _table(manifest, modality, name, spec, cohort)
     elif modality == "image":
-        ids, embedding, tokens, metadata, stats = _image(manifest, task, name, spec, cohort, paths, device=device,
-                                                          batch_size=batch_size, num_workers=num_workers,
-                                                          progress=progress, excluded=excluded)
+        if studies is None:
+            imaging, source = pd.read_parquet(paths["imaging"]).set_index("study_id"), paths["imaging"]
+        else:
+            studies = list(dict.fromkeys(map(str, studies)))
+            cohort = pd.DataFrame({"study_id": studies})
+            imaging, source = _imaging_of(manifest, task, studies), hc.imaging_source(manifest, task)[1]
+        ids, embedding, tokens, metadata, stats = _image(manifest, task, name, spec, cohort, imaging, source,
+                                                          device=device, batch_size=batch_size,
+                                                          num_workers=num_workers, progress=progress,
+                                                          excluded=excluded)
     else:
         ids, embedding, tokens, metadata, stats = _ehr(manifest, task, name, spec, cohort, device=device,
                                                         progress=progress)

@@ -172,9 +172,11 @@ class Profile:
     ``min_event_rate``: a floor on every institution's event fraction within the horizon (a
     teaching twin raises the paper's rates so that small test cohorts hold enough events;
     ``None`` keeps the paper's rates). ``seeds``: training seeds of the grid.
-    ``sweep_profile`` and ``sweep_shares``: the twin size and ``image_share`` values of the
-    imbalance study (the same rules at other settings; ``()`` for none), which trains
-    ``sweep_ehr_reprs`` only. ``short_pretraining``: the built-in foundation models pretrain
+    The mechanism study (``helpers.mechanism``, the chapter *Fusion under modality imbalance*):
+    every strategy on the one-hot EHR features at each ``image_share`` of ``mechanism_shares``
+    and each interaction of ``mechanism_interactions`` (multiples of the manifest's kappa), on
+    ``mechanism_twin_seeds`` twins of size ``mechanism_profile`` (the manifest's seed and the
+    next ones; 0 for no mechanism study). ``short_pretraining``: the built-in foundation models pretrain
     for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
     ``probe_encoders``: also extract (and pretrain) the manifest's other image encoders, which
     the embeddings chapter probes but no model trains on (the fusion models use the first); the
@@ -191,9 +193,10 @@ class Profile:
     sizes: dict[str, dict[str, int]]
     min_event_rate: float | None
     seeds: tuple[int, ...]
-    sweep_profile: str
-    sweep_shares: tuple[float, ...]
-    sweep_ehr_reprs: tuple[str, ...] = ("onehot",)
+    mechanism_profile: str = "mechanism"
+    mechanism_twin_seeds: int = 0
+    mechanism_shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    mechanism_interactions: tuple[float, ...] = (0.0, 1.0, 2.0)
     short_pretraining: bool = False
     probe_encoders: bool = True
     saliency_fusions: tuple[str, ...] = ("concat", "contrastive", "cross_attention", "coattn_image_guided",
@@ -205,16 +208,19 @@ class Profile:
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("tiny", "a few dozen studies per task: the tests' twin",
             {"pe": {"internal": 140, "external": 40}, "mace": {"internal": 140, "external": 40}},
-            min_event_rate=0.3, seeds=(0,), sweep_profile="tiny", sweep_shares=(1.0,), short_pretraining=True,
-            saliency_cases=6),
+            min_event_rate=0.3, seeds=(0,), mechanism_profile="tiny", mechanism_twin_seeds=1,
+            mechanism_shares=(0.0, 1.0), mechanism_interactions=(0.0, 1.0), short_pretraining=True, saliency_cases=6),
     Profile("quick", "a few hundred studies per task, teaching event rates: a workshop's coffee break",
             {"pe": {"internal": 450, "external": 120}, "mace": {"internal": 440, "external": 120}},
-            min_event_rate=0.4, seeds=(0,), sweep_profile="quick", sweep_shares=(), short_pretraining=True,
+            min_event_rate=0.4, seeds=(0,), short_pretraining=True,
             probe_encoders=False, saliency_fusions=("cross_attention",)),
     Profile("paper", "the paper's cohort sizes and event rates, three training seeds",
             {"pe": {"internal": 4197, "external": 435}, "mace": {"internal": 3788, "external": 682}},
-            min_event_rate=None, seeds=(0, 1, 2), sweep_profile="quick", sweep_shares=(0.0, 0.5, 1.0),
-            probe_encoders=False),
+            min_event_rate=None, seeds=(0, 1, 2), mechanism_twin_seeds=3, probe_encoders=False),
+    Profile("mechanism", "the mechanism study's twin: internal test cohorts of 200 events or more, "
+            "event rates raised to 60%",
+            {"pe": {"internal": 1500, "external": 100}, "mace": {"internal": 1700, "external": 100}},
+            min_event_rate=0.6, seeds=(0,)),
 )}
 
 
@@ -227,7 +233,7 @@ class Setting:
     """A setting of the digital twin: its profile, ``image_share`` (the CT's share of the
     non-interaction log-hazard), ``interaction`` (kappa) and seed. ``label`` names its
     folder under the output directory, ``<profile>/share-<s>_interaction-<k>_seed-<n>``; a
-    setting of the imbalance study (``sweep``, which trains a smaller grid) lives apart, under
+    setting of the mechanism study (``sweep``, ``helpers.mechanism``) lives apart, under
     ``<profile>/sweep/``, so that a folder's grid never depends on which study asked for it.
 
     >>> Setting("quick", 0.5, 0.35, 7).label

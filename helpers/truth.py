@@ -11,7 +11,9 @@ module lists everything that looks at the truth:
 - ``twin_chapter``: the figures and tables of the twin chapter (``helpers.twin_views``);
 - ``oracle``: the true log-hazard scored as a model (``helpers.compare.oracle_risk``);
 - ``probes``: linear probes of frozen embeddings (``helpers.probes``, the embeddings chapter);
-- ``saliency``: checks of attribution maps against the lesion masks.
+- ``saliency``: checks of attribution maps against the lesion masks;
+- ``mechanism``: what each group of factors explains at each setting of the mechanism study
+  (``helpers.mechanism.balance``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from helpers.tasks import get_task
 
 __all__ = ["READERS", "ANATOMY", "truth_dir", "read_truth", "read_lesions", "mask_path", "read_mask", "read_anatomy"]
 
-READERS: tuple[str, ...] = ("twin_chapter", "oracle", "probes", "saliency")
+READERS: tuple[str, ...] = ("twin_chapter", "oracle", "probes", "saliency", "mechanism")
 
 # Labels of the anatomy map the twin saves with each lesion mask (``anatomy`` in the mask's
 # .npz, ``helpers.twin.phantom``): the structures whose size carries the CT's shared factors

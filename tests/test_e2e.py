@@ -54,8 +54,8 @@ def test_table1_covers_the_grid_and_no_model_passes_the_oracle(quick):
         assert len(models) == 2 * len(grid_runs(seeds=PROFILES["quick"].seeds))
         oracle = scores[scores["model"] == ORACLE].set_index("cohort")["c_index"]
         assert (models["c_index"].to_numpy() < oracle.loc[models["cohort"]].to_numpy()).all()
-    # the quick study has no imbalance study (the paper study runs it on the quick twin)
-    assert not PROFILES["quick"].sweep_shares and not (root / "imbalance").exists()
+    # the quick study has no mechanism study (the paper study runs it)
+    assert not PROFILES["quick"].mechanism_twin_seeds and not (root / "imbalance").exists()
 
 
 def test_the_book_lists_every_notebook_that_ran(quick):

@@ -144,3 +144,30 @@ def test_probes_recover_a_linear_factor_and_not_noise():
     assert np.isnan(out.set_index("factor").loc["flat", "score"])
     with pytest.raises(ValueError, match="1 studies of the embedding have no ground-truth factors, e.g. zz"):
         probe_factors(x[:1], ["zz"], factors, {"clot_burden": ("ct",)})
+
+
+def test_studies_are_only_for_an_image_encoder_and_must_be_in_the_index(tmp_path):
+    """``extract(studies=...)`` (the mechanism study's one encoding of several cohorts) refuses an
+    EHR encoder or a table brought by the user, and names a study the imaging index lacks; the
+    index is checked before any CT is read."""
+    rng = np.random.default_rng(0)
+    own = tmp_path / "mine.parquet"
+    write_embeddings(own, [f"s{i}" for i in range(6)], rng.normal(size=(6, 3)))
+    m = load(_manifest(tmp_path, {"image": {"mine": {"kind": "table", "path": "mine.parquet", "sha256": sha256_path(own)},
+                                            "randconv": {"kind": "builtin"}},
+                                  "ehr": {"onehot": {"kind": "builtin"}}}))
+    _cohort(m)
+    with pytest.raises(ValueError, match="parameter 'studies': only for an image encoder that reads CTs, not ehr encoder"):
+        extract(m, "pe", "ehr", "onehot", studies=["s0"])
+    with pytest.raises(ValueError, match="not image encoder 'mine' of kind 'table'"):
+        extract(m, "pe", "image", "mine", studies=["s0"])
+    twin = m.twin_dir / "pe"
+    twin.mkdir(parents=True)
+    (twin / "twin.json").write_text("{}")
+    pd.DataFrame({"study_id": [f"s{i}" for i in range(6)], "person_id": [f"p{i // 2}" for i in range(6)],
+                  "institution": "site_a", "study_datetime": pd.Timestamp("2020-01-01"),
+                  "image_path": [f"images/s{i}.nii.gz" for i in range(6)], "image_format": "nifti"},
+                 ).to_parquet(twin / "imaging_index.parquet", index=False)
+    with pytest.raises(EmbeddingError, match=r"parameter 'studies': 1 studies are not in \S*imaging_index.parquet, "
+                                             r"e.g. nowhere"):
+        extract(m, "pe", "image", "randconv", studies=["s0", "nowhere"])

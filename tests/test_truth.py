@@ -22,7 +22,7 @@ def tiny_twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_readers_are_named() -> None:
-    assert truth.READERS == ("twin_chapter", "oracle", "probes", "saliency")
+    assert truth.READERS == ("twin_chapter", "oracle", "probes", "saliency", "mechanism")
 
 
 @pytest.mark.parametrize("reader", ["training", "", "Oracle"])

@@ -3,7 +3,7 @@ papermill, the book builds, nothing that identifies a patient or the build machi
 a rerun has nothing to do, and a failing notebook is reported with its parameters and cell.
 
 The grid is cut to what covers every notebook (one task, three strategies, the one-hot EHR, an
-image-share sweep of two settings); the full quick grid is ``make test-e2e``."""
+mechanism study of four settings); the full quick grid is ``make test-e2e``."""
 
 from __future__ import annotations
 
@@ -89,8 +89,13 @@ def test_results_are_numbers_with_the_oracle_as_a_reference_row(study):
     assert {"Image only", "Concatenation (one-hot)", "Cross-attention (one-hot)"} <= set(scores["model"])
     table = pd.read_csv(root / "comparisons" / "table1.csv", index_col=0)
     assert list(table.columns) == ["Internal PE", "External PE"] and table.index[-1] == ORACLE
-    sweep = pd.read_csv(root / "imbalance" / "imbalance.csv")
-    assert set(sweep["image_share"]) == {1.0} and set(sweep["ehr_repr"].dropna()) <= {"none", "onehot"}
+    # the mechanism study: the tiny profile's grid (shares 0 and 1, kappa 0 and the default), one twin seed
+    mechanism = pd.read_csv(root / "imbalance" / "mechanism.csv")
+    assert set(mechanism["image_share"]) == {0.0, 1.0} and set(mechanism["interaction"]) == {0.0, 0.75}
+    assert set(mechanism["strategy"]) == {"image_only", "concat", "cross_attention", "oracle"}
+    assert set(mechanism["twin_seed"]) == {11}
+    verdicts = pd.read_csv(root / "imbalance" / "predictions.csv")
+    assert list(verdicts["prediction"]) == ["P1", "P2", "P3", "P4", "P5"]
     assert (study["root"].parent / "sweep" / "share-1_interaction-0.75_seed-11" / "runs").is_dir()
     params = json.loads((root / "runs" / "pe" / "onehot" / "concat" / "seed-0" / "params.json").read_text())
     assert params["fusion"] == "concat" and len(params["inputs_sha256"]) == 3
@@ -140,7 +145,7 @@ def test_no_identifier_date_or_build_path_reaches_the_book(study):
     html = "\n".join(p.read_text(errors="replace")
                      for p in (study["folder"] / "book" / "_build" / "html").rglob("*.html"))
     twins = sorted((study["folder"] / "outputs").rglob("twin.json"))
-    assert len(twins) == 2, "the study's twin and the imbalance study's"
+    assert len(twins) == 1 + 4, "the study's twin and the four settings of the mechanism study's"
     for root in {t.parent.parent for t in twins}:
         index = pd.read_parquet(root / "pe" / "imaging_index.parquet")
         person = pd.read_parquet(root / "pe" / "omop" / "person.parquet")
@@ -208,14 +213,15 @@ def test_the_dry_run_plans_the_grid_from_the_registry(tmp_path):
     out = dry.stdout + dry.stderr
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats"):], flags=re.M))
     runs = len(FUSIONS) * len(EHR_REPRS) - (len(EHR_REPRS) - 1)  # image_only once, without EHR
-    expected = {"twin": 2, "cohort": 2, "pretrain": 2, "embeddings": 4 + 2, "train": runs + len(FUSIONS), "compare": 2,
-                "saliency": len(SALIENCY_FUSIONS), "results": 1, "imbalance": 1, "all": 1}
+    expected = {"twin": 1, "cohort": 1, "pretrain": 2, "embeddings": 4, "train": runs, "compare": 1,
+                "saliency": len(SALIENCY_FUSIONS), "mechanism": 1, "results": 1, "imbalance": 1, "all": 1}
     assert {k: int(v) for k, v in stats.items()} == {**expected, "total": sum(expected.values())}
     trains = [line for line in out.splitlines() if line.startswith("Shell command: papermill") and "notebooks/03_train.ipynb" in line]
-    assert len(trains) == runs + len(FUSIONS)
+    assert len(trains) == runs
     assert all("image-ct_mae" not in line for line in trains)
     assert sum("-p ehr_repr 'clmbr'" in line for line in trains) == len(FUSIONS) - 1
-    assert "share-1_interaction-0.75_seed-11" in out, "the imbalance study is the same rules at another setting"
+    mechanism = [line for line in out.splitlines() if "notebooks/06_mechanism.ipynb" in line and line.startswith("Shell command")]
+    assert len(mechanism) == 1 and "-p shares '0,1' -p interactions '0,0.75'" in mechanism[0]
 
 
 def test_probing_other_image_encoders_follows_the_profile_or_the_config(tmp_path):
@@ -225,7 +231,7 @@ def test_probing_other_image_encoders_follows_the_profile_or_the_config(tmp_path
 
     def planned(*config):
         dry = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "-n", "-p", "--config", "tasks=pe", "book=0",
-                              "sweep=0", *config], capture_output=True, text=True)
+                              "mechanism=0", *config], capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr[-3000:]
         return dry.stdout + dry.stderr
 

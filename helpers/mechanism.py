@@ -1,0 +1,420 @@
+"""The mechanism study: every fusion strategy on the digital twin at a grid of its settings.
+
+The paper's claim is that the best fusion strategy depends on the task and on how much each
+modality carries. The twin has both as knobs: ``image_share`` (s, the CT's share of the
+exclusive information) and ``interaction`` (kappa, the weight of the cross-modal interaction;
+see ``helpers.twin``). ``run_mechanism`` trains every strategy at every (s, kappa) of a grid
+for one task and one twin seed, with the same entry points as the study's notebooks
+(``helpers.cohort.make_cohort``, ``helpers.extract.extract``, ``helpers.training.train_run``,
+``helpers.compare.score_runs``), each setting into its own folder
+``<output_dir>/<profile>/sweep/share-<s>_interaction-<k>_seed-<n>`` (``helpers.tasks.Setting``),
+so that ``helpers.imbalance.collect`` reads them like any other setting.
+
+The CT volumes do not depend on s, kappa or the outcome model (the generator draws the factors
+and renders the volumes before, and independently of, the hazard), so they are rendered once
+per task and twin seed, at the grid's first setting; every other setting writes its records
+and ground truth only (``generate(images=False)``) and links the volumes, after checking that
+its imaging index lists the same studies and files. The CTs of the union of the settings'
+cohorts (which differ by a few studies: a planted defect is drawn among censored patients) are
+encoded once, and every setting links that table. The records, the cohort and the EHR features
+are made anew at each setting, because the outcomes are in them.
+
+Why not one Snakemake job per setting and strategy, as the rest of the study: the grid has 15
+settings x 7 strategies per task and twin seed; at about 6 s of kernel start-up per notebook
+that alone would take longer than the study's whole budget on 2 cores. A setting's folder holds
+the same files the notebooks would have written (cohort, embeddings, runs, comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from helpers.manifest import Manifest
+from helpers.tasks import (
+    DEFAULT_INTERACTION,
+    FUSIONS,
+    PROFILES,
+    Setting,
+    check_choice,
+    get_strategy,
+    get_task,
+)
+
+__all__ = ["SHARES", "INTERACTIONS", "INTERNAL", "PREDICTIONS", "MechanismSpec", "MechanismResult", "settings",
+           "run_mechanism", "result_path", "collect", "balance", "setting_table", "rank_first", "judge", "mechanism_figure"]
+
+# The grid of the mechanism study.
+SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+INTERACTIONS: tuple[float, ...] = (0.0, DEFAULT_INTERACTION, 2 * DEFAULT_INTERACTION)
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """One task and twin seed of the mechanism study.
+
+    ``manifest``: the study's manifest (the digital twin; its encoders and splits are used).
+    ``profile``: the twin's size (``helpers.tasks.PROFILES``, default ``mechanism``).
+    ``fusions``: the strategies trained at every setting, all on ``ehr_repr`` with training
+    seed ``seed``; ``n_boot``: bootstrap resamples of each C-index interval.
+    """
+
+    manifest: Manifest
+    task: str
+    twin_seed: int
+    profile: str = "mechanism"
+    shares: tuple[float, ...] = SHARES
+    interactions: tuple[float, ...] = INTERACTIONS
+    fusions: tuple[str, ...] = FUSIONS
+    ehr_repr: str = "onehot"
+    seed: int = 0
+    n_boot: int = 200
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        check_choice("profile", self.profile, tuple(PROFILES))
+        for fusion in self.fusions:
+            get_strategy(fusion)
+        if "image_only" not in self.fusions:
+            raise ValueError("parameter 'fusions': the mechanism study compares with image_only; include it")
+        if self.manifest.data.source != "synthetic":
+            raise ValueError(f"{self.manifest.path}: the mechanism study needs the digital twin (data.source: "
+                             f"synthetic), got {self.manifest.data.source!r}")
+        if not self.shares or not self.interactions:
+            raise ValueError("parameters 'shares' and 'interactions': need at least one value each")
+
+
+def settings(spec: MechanismSpec) -> list[Setting]:
+    """The twin settings of ``spec``, shares varying fastest; the first renders the volumes."""
+    return [Setting(spec.profile, s, k, spec.twin_seed, sweep=True) for k in spec.interactions for s in spec.shares]
+
+
+def result_path(output_dir: str | Path, profile: str, task: str, twin_seed: int) -> Path:
+    """Where ``run_mechanism`` records what it ran for one task and twin seed:
+    ``<output_dir>/<profile>/sweep/mechanism-<task>-seed-<n>.csv``."""
+    return Path(output_dir) / profile / "sweep" / f"mechanism-{task}-seed-{int(twin_seed)}.csv"
+
+
+@dataclass
+class MechanismResult:
+    """What ``run_mechanism`` did: one row per setting (``timings``: seconds per step, the
+    internal test cohort's size and events) and where it wrote them (``path``)."""
+
+    spec: MechanismSpec
+    timings: pd.DataFrame
+    path: Path
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` becomes the same file (a hard link; a copy where links are not possible)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _share_volumes(first: Manifest, other: Manifest, task: str) -> None:
+    """Point ``other``'s twin at the volumes ``first`` rendered (a symbolic link to its
+    ``images`` folder), after checking that both imaging indexes list the same studies and
+    files."""
+    here = other.twin_dir / task
+    there = first.twin_dir / task
+    a = pd.read_parquet(there / "imaging_index.parquet", columns=["study_id", "image_path"])
+    b = pd.read_parquet(here / "imaging_index.parquet", columns=["study_id", "image_path"])
+    if not a.equals(b):
+        raise RuntimeError(f"{here / 'imaging_index.parquet'}: lists other studies or files than "
+                           f"{there / 'imaging_index.parquet'}; the volumes cannot be shared")
+    images = here / "images"
+    if images.is_symlink() or images.exists():
+        if images.is_symlink():
+            images.unlink()
+        else:
+            shutil.rmtree(images)
+    images.symlink_to(os.path.relpath(there / "images", here), target_is_directory=True)
+
+
+def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismResult:
+    """Run ``spec``: at each setting, the twin, the cohort, the one-hot EHR features, every
+    strategy of ``spec.fusions`` and the C-index table (``comparisons/<task>/cindex.csv`` with
+    the oracle and patient-bootstrap intervals). Returns the timings, also written to
+    ``result_path`` (last, so that its presence means the whole grid ran)."""
+    from helpers.cohort import make_cohort
+    from helpers.compare import oracle_risk, score_runs, table1, write_outputs
+    from helpers.embeddings import embedding_path
+    from helpers.extract import extract
+    from helpers.runs import RunSpec, collect_runs, run_dir
+    from helpers.training import train_run
+    from helpers.twin import generate
+
+    task = spec.task
+    image_encoder = next(iter(spec.manifest.encoders.image))
+    grid = settings(spec)
+    manifests = [spec.manifest.with_setting(setting) for setting in grid]
+    first = manifests[0]
+    image_table = embedding_path(first.run_root, task, "image", image_encoder)
+    rows, builds = [], []
+    # the twin and the cohort of every setting first: which studies a cohort keeps depends on
+    # the outcomes (a planted defect is drawn among censored patients), so the CTs of every
+    # setting's cohort are encoded once, at the first setting
+    for k, (setting, manifest) in enumerate(zip(grid, manifests, strict=True)):
+        started = time.perf_counter()
+        generate(manifest.twin_dir, profile=setting.profile, seed=setting.seed, image_share=setting.image_share,
+                 interaction=setting.interaction, tasks=(task,), images=k == 0)
+        if k > 0:
+            _share_volumes(first, manifest, task)
+        twin_done = time.perf_counter()
+        builds.append(make_cohort(manifest, task, meds=False))
+        rows.append({"task": task, "twin_seed": setting.seed, "image_share": setting.image_share,
+                     "interaction": setting.interaction, "setting": setting.label,
+                     "twin_seconds": round(twin_done - started, 2),
+                     "cohort_seconds": round(time.perf_counter() - twin_done, 2)})
+    started = time.perf_counter()
+    studies = list(dict.fromkeys(s for build in builds for s in build.result.cohort["study_id"]))
+    extract(first, task, "image", image_encoder, studies=studies)
+    encoded_seconds = time.perf_counter() - started
+    for k, (setting, manifest, build) in enumerate(zip(grid, manifests, builds, strict=True)):
+        clock = {"started": time.perf_counter()}
+        if k > 0:
+            here = embedding_path(manifest.run_root, task, "image", image_encoder)
+            for source in image_table.parent.glob(f"{image_table.stem}.*"):
+                _link(source, here.with_name(source.name))
+        ehr = extract(manifest, task, "ehr", spec.ehr_repr).path
+        clock["embeddings"] = time.perf_counter()
+        runs_dir = manifest.run_root / "runs"
+        for fusion in spec.fusions:
+            strategy = get_strategy(fusion)
+            ehr_repr = spec.ehr_repr if strategy.uses_ehr else "none"
+            train_run(RunSpec(
+                task=task, ehr_repr=ehr_repr, fusion=fusion, seed=spec.seed, cohort_path=build.paths["cohort"],
+                image_embeddings=embedding_path(manifest.run_root, task, "image", image_encoder)
+                if strategy.uses_image else None,
+                ehr_embeddings=ehr if strategy.uses_ehr else None,
+                output_dir=run_dir(manifest.run_root, task, ehr_repr, fusion, spec.seed), options=dict(spec.options)))
+        clock["train"] = time.perf_counter()
+        runs = collect_runs(runs_dir, task)
+        runs = runs[runs["fusion"].isin(spec.fusions) & (runs["seed"] == spec.seed)]
+        scores = score_runs(runs, build.result.cohort, n_boot=spec.n_boot, oracle=oracle_risk(manifest, task))
+        write_outputs(scores, table1(scores), manifest.run_root / "comparisons" / task)
+        clock["score"] = time.perf_counter()
+        test = build.result.cohort[build.result.cohort["split"] == "test"]
+        rows[k].update({
+            "test_studies": len(test), "test_events": int(test["event"].sum()),
+            "encode_seconds": round(encoded_seconds, 2) if k == 0 else 0.0,
+            "ehr_seconds": round(clock["embeddings"] - clock["started"], 2),
+            "train_seconds": round(clock["train"] - clock["embeddings"], 2),
+            "score_seconds": round(clock["score"] - clock["train"], 2)})
+        if progress:
+            print(f"{setting.label}: {rows[k]['test_events']} internal test events, "
+                  f"{clock['score'] - clock['started']:.1f} s", flush=True)
+    timings = pd.DataFrame(rows)
+    path = result_path(spec.manifest.output_dir, spec.profile, task, spec.twin_seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    timings.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return MechanismResult(spec=spec, timings=timings, path=path)
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+INTERNAL = "Internal"  # the cohort the mechanism study is powered for (helpers.compare.EVAL_SPLITS)
+
+
+def collect(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...], *, ehr_repr: str = "onehot",
+            seed: int = 0) -> pd.DataFrame:
+    """The C-index tables of every setting of ``grid`` and task (``helpers.imbalance.collect``),
+    with ``strategy``: the fusion's name, or ``oracle``."""
+    from helpers.compare import ORACLE
+    from helpers.imbalance import collect as collect_settings
+
+    results = collect_settings(output_dir, grid, tasks, ehr_reprs=(ehr_repr,), seed=seed)
+    return results.assign(strategy=results["fusion"].where(results["model"] != ORACLE, "oracle"))
+
+
+def balance(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...]) -> pd.DataFrame:
+    """What each group of factors explains of the true log-hazard of the internal studies at
+    each setting of ``grid`` (``helpers.twin.information_balance``, read from each setting's
+    ground truth): one row per task, kappa and s; the first twin seed of ``grid`` only."""
+    from helpers.truth import read_truth
+    from helpers.twin import INSTITUTIONS, information_balance
+
+    seed = grid[0].seed
+    rows = []
+    for setting in (g for g in grid if g.seed == seed):
+        for task in tasks:
+            factors = read_truth(Path(output_dir) / setting.label / "twin", task, reader="mechanism")
+            r2 = information_balance(factors[factors["institution"] == INSTITUTIONS["internal"][0]], task)
+            rows.append({"task": task, "kappa": setting.interaction, "s": setting.image_share,
+                         **{k: r2[k] for k in ("ct_exclusive", "ehr_exclusive", "non_additive")}})
+    return pd.DataFrame(rows).set_index(["task", "kappa", "s"]).sort_index()
+
+
+def setting_table(results: pd.DataFrame, cohort: str = INTERNAL) -> pd.DataFrame:
+    """Per task, interaction and image share (rows) and strategy (columns, the oracle last): the
+    mean Harrell's C over the twin seeds on ``cohort``."""
+    part = results[results["cohort"] == cohort]
+    table = part.pivot_table(index=["task", "interaction", "image_share"], columns="strategy", values="c_index",
+                             aggfunc="mean")
+    order = [f for f in FUSIONS if f in table.columns] + ["oracle"]
+    return table[[c for c in order if c in table.columns]]
+
+
+def rank_first(results: pd.DataFrame, cohort: str = INTERNAL) -> pd.DataFrame:
+    """Per task, interaction and image share: in how many twin seeds each strategy had the
+    highest C on ``cohort`` (ties share the count), and the number of seeds."""
+    part = results[(results["cohort"] == cohort) & (results["strategy"] != "oracle")]
+    rows = []
+    for (task, kappa, share), group in part.groupby(["task", "interaction", "image_share"]):
+        counts = dict.fromkeys(group["strategy"].unique(), 0)
+        for _, seed_rows in group.groupby("twin_seed"):
+            best = seed_rows["c_index"].max()
+            for strategy in seed_rows.loc[seed_rows["c_index"] == best, "strategy"]:
+                counts[strategy] += 1
+        rows.append({"task": task, "interaction": kappa, "image_share": share,
+                     "seeds": group["twin_seed"].nunique(), **counts})
+    table = pd.DataFrame(rows).set_index(["task", "interaction", "image_share"])
+    order = ["seeds"] + [f for f in FUSIONS if f in table.columns]
+    return table[order]
+
+
+def _gain(table: pd.DataFrame) -> pd.DataFrame:
+    """Per row of ``setting_table``: the better unimodal C, the best multimodal C and its gain,
+    and concatenation's and the best attention strategy's C."""
+    from helpers.tasks import MULTIMODAL, TOKEN_FUSIONS
+
+    unimodal = table[[c for c in ("image_only", "ehr_only") if c in table.columns]].max(axis=1)
+    multi = [c for c in MULTIMODAL if c in table.columns]
+    attention = [c for c in TOKEN_FUSIONS if c in table.columns]
+    return pd.DataFrame({
+        "unimodal": unimodal,
+        "multimodal": table[multi].max(axis=1) if multi else float("nan"),
+        "gain": (table[multi].max(axis=1) - unimodal) if multi else float("nan"),
+        "concat": table["concat"] if "concat" in table.columns else float("nan"),
+        "attention": table[attention].max(axis=1) if attention else float("nan"),
+    })
+
+
+# The predictions of the chapter, written before the study was run (see the chapter's text); each
+# with the criterion that decides it on the internal test cohorts, means over twin seeds.
+PREDICTIONS: dict[str, str] = {
+    "P1": "image only rises and EHR only falls as the image share grows, at every interaction",
+    "P2": "without an interaction (kappa = 0), no attention strategy beats concatenation by more than 0.01",
+    "P3": "without an interaction, at s = 0 and s = 1 the best fusion is within 0.01 of the better unimodal model",
+    "P4": "the best fusion's gain over the better unimodal model grows with kappa, at every image share",
+    "P5": "no strategy beats the oracle",
+}
+
+
+def judge(results: pd.DataFrame) -> pd.DataFrame:
+    """Each prediction of ``PREDICTIONS`` per task: ``held`` (True, False, or None where the grid
+    lacks what it needs) and the numbers that decide it."""
+    table = setting_table(results)
+    gains = _gain(table)
+    rows = []
+    for task in table.index.get_level_values("task").unique():
+        t = table.loc[task]
+        g = gains.loc[task]
+        kappas = sorted(t.index.get_level_values("interaction").unique())
+        verdicts: dict[str, tuple[bool | None, str]] = {}
+        unimodal = {"image_only", "ehr_only"} <= set(t.columns)
+        lacking = (None, "the grid lacks a unimodal model (image only and EHR only are both needed)")
+        # P1
+        ok, worst = True, []
+        for kappa in kappas:
+            rows_k = t.loc[kappa].sort_index()
+            if len(rows_k) < 2 or not unimodal:
+                ok, worst = None, ["the grid needs two shares and both unimodal models"]
+                break
+            img, ehr = rows_k["image_only"].to_numpy(), rows_k["ehr_only"].to_numpy()
+            up = bool((img[1:] > img[:-1]).all())
+            down = bool((ehr[1:] < ehr[:-1]).all())
+            ok = ok and up and down
+            worst.append(f"kappa {kappa:g}: image only {' → '.join(f'{v:.3f}' for v in img)}, "
+                         f"EHR only {' → '.join(f'{v:.3f}' for v in ehr)}")
+        verdicts["P1"] = (ok, "; ".join(worst))
+        # P2, P3: kappa = 0
+        if 0.0 in kappas:
+            zero = g.loc[0.0]
+            excess = (zero["attention"] - zero["concat"]).dropna()
+            verdicts["P2"] = ((bool((excess <= 0.01).all()) if len(excess) else None),
+                              "best attention minus concatenation: " + ", ".join(
+                                  f"s {s:g}: {v:+.3f}" for s, v in excess.items()))
+            ends = zero.loc[[s for s in zero.index if s in (0.0, 1.0)]]
+            if not unimodal:
+                verdicts["P3"] = lacking
+            elif len(ends):
+                gap = ends["multimodal"] - ends["unimodal"]
+                verdicts["P3"] = (bool((gap.abs() <= 0.01).all()),
+                                  "best fusion minus better unimodal: " + ", ".join(
+                                      f"s {s:g}: {v:+.3f}" for s, v in gap.items()))
+            else:
+                verdicts["P3"] = (None, "the grid has no share 0 or 1")
+        else:
+            verdicts["P2"] = verdicts["P3"] = (None, "the grid has no kappa = 0")
+        # P4
+        if not unimodal:
+            verdicts["P4"] = lacking
+        elif len(kappas) >= 2:
+            by_share = g["gain"].unstack("interaction")[kappas]
+            grows = (by_share.diff(axis=1).iloc[:, 1:] > 0).all(axis=1)
+            verdicts["P4"] = (bool(grows.all()), "; ".join(
+                f"s {s:g}: " + " → ".join(f"{v:+.3f}" for v in row) for s, row in by_share.iterrows()))
+        else:
+            verdicts["P4"] = (None, "the grid has one kappa")
+        # P5
+        if "oracle" in t.columns:
+            models = t.drop(columns="oracle")
+            above = (models.max(axis=1) - t["oracle"])
+            verdicts["P5"] = (bool((above <= 0).all()), f"largest excess over the oracle: {above.max():+.3f}")
+        else:
+            verdicts["P5"] = (None, "no oracle row")
+        for key, text in PREDICTIONS.items():
+            held, numbers = verdicts[key]
+            rows.append({"task": task, "prediction": key, "statement": text, "held": held, "numbers": numbers})
+    return pd.DataFrame(rows)
+
+
+def mechanism_figure(results: pd.DataFrame, cohort: str = INTERNAL):
+    """Harrell's C against the image share: one panel per task (rows) and interaction
+    (columns), one line per strategy (mean over twin seeds, each seed a faint point), the
+    oracle dashed. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from helpers.tasks import STRATEGIES
+
+    part = results[results["cohort"] == cohort]
+    tasks = list(dict.fromkeys(part["task"]))
+    kappas = sorted(part["interaction"].unique())
+    fig, axes = plt.subplots(len(tasks), len(kappas), figsize=(3.6 * len(kappas), 3.0 * len(tasks)),
+                             squeeze=False, sharey="row")
+    strategies = [f for f in FUSIONS if f in set(part["strategy"])] + ["oracle"]
+    colours = {s: plt.cm.tab10(k) for k, s in enumerate(strategies)}
+    for i, task in enumerate(tasks):
+        for j, kappa in enumerate(kappas):
+            ax = axes[i][j]
+            cell = part[(part["task"] == task) & (part["interaction"] == kappa)]
+            for strategy in strategies:
+                rows = cell[cell["strategy"] == strategy]
+                if rows.empty:
+                    continue
+                mean = rows.groupby("image_share")["c_index"].mean()
+                label = "oracle" if strategy == "oracle" else STRATEGIES[strategy].label
+                ax.plot(mean.index, mean.to_numpy(), "--" if strategy == "oracle" else "-", color=colours[strategy],
+                        label=label, marker="o", ms=3)
+                ax.scatter(rows["image_share"], rows["c_index"], color=colours[strategy], s=6, alpha=0.3)
+            ax.set_title(f"{task.upper()}, kappa {kappa:g}", fontsize=9)
+            ax.set_xlabel("image share s")
+            if j == 0:
+                ax.set_ylabel(f"Harrell's C ({cohort.lower()})")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,108 @@
+"""The mechanism study (helpers.mechanism): one task and twin seed on a tiny twin, the volumes
+rendered and encoded once, and the analysis (tables, ranks, verdicts) on results built by hand."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import mechanism as mech
+from helpers.compare import ORACLE
+from helpers.manifest import load
+
+matplotlib.use("Agg")
+
+
+def _manifest(folder: Path):
+    path = folder / "data_manifest.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "data": {"source": "synthetic", "synthetic": {"profile": "tiny", "seed": 5}},
+        "encoders": {"image": {"randconv": {"kind": "builtin"}}, "ehr": {"onehot": {"kind": "builtin"}}},
+        "output_dir": "out",
+    }))
+    return load(path)
+
+
+def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp_path):
+    manifest = _manifest(tmp_path)
+    spec = mech.MechanismSpec(manifest=manifest, task="mace", twin_seed=5, profile="tiny", shares=(0.0, 1.0),
+                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20)
+    result = mech.run_mechanism(spec)
+    grid = mech.settings(spec)
+    assert [g.label for g in grid] == ["tiny/sweep/share-0_interaction-0.75_seed-5",
+                                       "tiny/sweep/share-1_interaction-0.75_seed-5"]
+    first, second = (manifest.output_dir / g.label for g in grid)
+    # the second setting links the first one's volumes and image table; its records are its own
+    images = second / "twin" / "mace" / "images"
+    assert images.is_symlink() and images.resolve() == (first / "twin" / "mace" / "images").resolve()
+    table = "embeddings/mace/image-randconv.parquet"
+    assert os.path.samefile(first / table, second / table)
+    assert list((second / "embeddings" / "mace").glob("image-randconv.tokens-*.npy"))
+    truth = [pd.read_parquet(root / "twin" / "mace" / "ground_truth" / "factors.parquet") for root in (first, second)]
+    assert np.allclose(truth[0]["ct_part"], 0) and np.allclose(truth[1]["ehr_part"], 0)
+    # every setting scored, with the oracle
+    results = mech.collect(manifest.output_dir, grid, ("mace",))
+    assert set(results["strategy"]) == {"image_only", "ehr_only", "oracle"}
+    assert set(results["image_share"]) == {0.0, 1.0} and set(results["cohort"]) == {"Internal", "External"}
+    # what ran, written last
+    assert result.path == mech.result_path(manifest.output_dir, "tiny", "mace", 5) and result.path.is_file()
+    timings = pd.read_csv(result.path)
+    assert list(timings["image_share"]) == [0.0, 1.0] and (timings["test_events"] > 0).all()
+    assert timings.loc[0, "encode_seconds"] > 0 and timings.loc[1, "encode_seconds"] == 0  # encoded once
+
+
+def test_the_spec_refuses_what_the_study_cannot_run(tmp_path):
+    manifest = _manifest(tmp_path)
+    with pytest.raises(ValueError, match="compares with image_only; include it"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, fusions=("concat",))
+    with pytest.raises(ValueError, match="parameter 'fusion': unknown value 'late'"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, fusions=("image_only", "late"))
+    with pytest.raises(ValueError, match="parameter 'profile': unknown value 'huge'"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, profile="huge")
+
+
+def _results(attention_gain: float, interaction_gain: float) -> pd.DataFrame:
+    """A results frame for one task: 2 twin seeds x kappa {0, 1} x share {0, 0.5, 1}, internal
+    cohort, with image only rising and EHR only falling in s, concatenation at the better
+    unimodal model plus ``interaction_gain * kappa``, cross-attention ``attention_gain`` above
+    concatenation, and the oracle above everything."""
+    rows = []
+    for seed in (1, 2):
+        for kappa in (0.0, 1.0):
+            for share in (0.0, 0.5, 1.0):
+                image, ehr = 0.55 + 0.2 * share, 0.75 - 0.2 * share
+                concat = max(image, ehr) + interaction_gain * kappa + 0.001 * seed
+                c = {"image_only": image, "ehr_only": ehr, "concat": concat, "cross_attention": concat + attention_gain,
+                     "oracle": 0.95}
+                for strategy, value in c.items():
+                    rows.append({"task": "pe", "image_share": share, "interaction": kappa, "twin_seed": seed,
+                                 "cohort": "Internal", "strategy": strategy, "c_index": value,
+                                 "model": ORACLE if strategy == "oracle" else strategy, "lower": value - 0.03,
+                                 "upper": value + 0.03, "n": 300, "events": 210})
+    return pd.DataFrame(rows)
+
+
+def test_tables_ranks_and_verdicts_follow_the_numbers():
+    results = _results(attention_gain=0.0, interaction_gain=0.04)
+    table = mech.setting_table(results)
+    assert list(table.columns) == ["image_only", "ehr_only", "concat", "cross_attention", "oracle"]
+    assert table.loc[("pe", 1.0, 0.5), "concat"] == pytest.approx(0.65 + 0.04 + 0.0015)
+    ranks = mech.rank_first(results)
+    assert ranks.loc[("pe", 0.0, 0.0), "seeds"] == 2
+    assert ranks.loc[("pe", 0.0, 0.0), "concat"] == 2 and ranks.loc[("pe", 0.0, 0.0), "cross_attention"] == 2  # a tie
+    verdicts = mech.judge(results).set_index("prediction")["held"].to_dict()
+    assert verdicts == {"P1": True, "P2": True, "P3": True, "P4": True, "P5": True}
+    # attention well above concatenation without an interaction, no gain from kappa: P2, P3, P4 fail
+    verdicts = mech.judge(_results(attention_gain=0.05, interaction_gain=0.0)).set_index("prediction")["held"].to_dict()
+    assert verdicts == {"P1": True, "P2": False, "P3": False, "P4": False, "P5": True}
+    no_ehr = mech.judge(results[results["strategy"] != "ehr_only"]).set_index("prediction")["held"].to_dict()
+    assert no_ehr == {"P1": None, "P2": True, "P3": None, "P4": None, "P5": True}
+    fig = mech.mechanism_figure(results)
+    assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["PE, kappa 0", "PE, kappa 1"]
