@@ -432,6 +432,50 @@ def seed_summary(scores: pd.DataFrame, metric: str = "c_index") -> pd.DataFrame:
                                kind="stable").reset_index(drop=True)
 
 
+# A run that kept the weights of one of its first epochs: early stopping found the validation C
+# falling from the start, so the strategy barely trained (see ``early_stopping``).
+EARLY_EPOCHS = 2
+
+
+def early_stopping(runs: pd.DataFrame) -> pd.DataFrame:
+    """Where early stopping stopped each run, from its ``metrics.json``: model, seed, the epoch
+    whose weights it kept (``best_epoch``, counted from 1), the epochs it ran, its train and
+    validation C, and ``early`` (kept one of the first ``EARLY_EPOCHS`` epochs)."""
+    rows = []
+    for row in runs.itertuples(index=False):
+        metrics = json.loads((Path(row.path) / "metrics.json").read_text())
+        splits = metrics.get("splits", {})
+        rows.append({"model": model_label(row.ehr_repr, row.fusion), "seed": int(row.seed),
+                     "best_epoch": int(metrics["best_epoch"]), "epochs": int(metrics["epochs"]),
+                     "train_c": splits.get("train", {}).get("c_index", np.nan),
+                     "val_c": splits.get("val", {}).get("c_index", np.nan)})
+    frame = pd.DataFrame(rows, columns=["model", "seed", "best_epoch", "epochs", "train_c", "val_c"])
+    frame["early"] = frame["best_epoch"] <= EARLY_EPOCHS
+    order = {label: k for k, label in enumerate(row_order(list(dict.fromkeys(frame["model"]))))}
+    return frame.sort_values(["model", "seed"], key=lambda c: c.map(order) if c.name == "model" else c,
+                             kind="stable").reset_index(drop=True)
+
+
+def early_stopping_reading(table: pd.DataFrame) -> str:
+    """A sentence on ``early_stopping``'s table: which models kept the weights of one of their
+    first epochs in every seed, in some, or none did."""
+    if table.empty:
+        return "No run to describe."
+    share = table.groupby("model", sort=False)["early"].agg(["sum", "count"])
+    always = [m for m, r in share.iterrows() if r["sum"] == r["count"]]
+    some = [m for m, r in share.iterrows() if 0 < r["sum"] < r["count"]]
+    if not always and not some:
+        return (f"Every run trained past epoch {EARLY_EPOCHS} before early stopping chose its weights.")
+    text = []
+    if always:
+        text.append(f"{', '.join(always)} kept the weights of epoch {EARLY_EPOCHS} or earlier in every seed")
+    if some:
+        text.append(f"{', '.join(some)} did in some seeds")
+    return ("; ".join(text) + ". The validation C of such a run fell from its first passes over the data: the model "
+            "fits its input's noise faster than the signal, so its test C says more about that input (its "
+            "width against the number of events) than about the strategy. Compare its train and validation C.")
+
+
 def validation_scores(runs: pd.DataFrame, cohort: pd.DataFrame) -> pd.DataFrame:
     """Harrell's C of every run on the internal ``val`` split (ehr_repr, fusion, seed,
     c_index): what choices between models are made on, never the test or external studies."""
@@ -585,4 +629,4 @@ def score_task(manifest: Manifest, task: str, *, runs_dir: Path | None = None, n
                       out_dir=out_dir)
 
 
-__all__ += ["TaskScores", "score_task"]
+__all__ += ["TaskScores", "score_task", "EARLY_EPOCHS", "early_stopping", "early_stopping_reading"]

@@ -255,3 +255,24 @@ def test_scoring_needs_no_torch():
 
     code = "import sys, helpers.compare, helpers.runs, helpers.metrics; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_early_stopping_names_the_runs_that_kept_their_first_epochs(tmp_path):
+    from helpers.compare import early_stopping, early_stopping_reading
+
+    rows = []
+    for fusion, ehr_repr, seed, best in (("image_only", "none", 0, 1), ("image_only", "none", 1, 2),
+                                         ("concat", "onehot", 0, 1), ("concat", "onehot", 1, 9),
+                                         ("ehr_only", "onehot", 0, 12), ("ehr_only", "onehot", 1, 15)):
+        folder = tmp_path / ehr_repr / fusion / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"best_epoch": best, "epochs": best + 10, "splits": {
+            "train": {"c_index": 0.7}, "val": {"c_index": 0.6}}}))
+        rows.append({"ehr_repr": ehr_repr, "fusion": fusion, "seed": seed, "path": folder})
+    table = early_stopping(pd.DataFrame(rows))
+    assert list(table["model"]) == ["Image only"] * 2 + ["EHR only (one-hot)"] * 2 + ["Concatenation (one-hot)"] * 2
+    assert table["early"].tolist() == [True, True, False, False, True, False]
+    text = early_stopping_reading(table)
+    assert text.startswith("Image only kept the weights of epoch 2 or earlier in every seed; "
+                           "Concatenation (one-hot) did in some seeds.")
+    assert early_stopping_reading(table[table["model"].str.startswith("EHR")]).startswith("Every run trained past")
