@@ -55,7 +55,7 @@ def truth_dir(twin_dir: str | os.PathLike[str], task: str, *, reader: str) -> Pa
     >>> truth_dir("twin", "pe", reader="training")
     Traceback (most recent call last):
     ...
-    ValueError: ground truth: unknown reader 'training'; expected one of twin_chapter, oracle, probes, saliency (the ground truth is for evaluation only)
+    ValueError: ground truth: unknown reader 'training'; expected one of twin_chapter, oracle, probes, saliency, mechanism (the ground truth is for evaluation only)
     """
     _check_reader(reader)
     get_task(task)
