@@ -194,8 +194,9 @@ def build_cohort(
 
     For each study: ``index_time`` is the CT acquisition time; the event is death (and, for
     ``mace``, the first myocardial infarction, stroke or heart failure coded on or after the
-    index date), whichever comes first; follow-up ends at the end of the observation period
-    that contains the index, and is administratively censored at the task horizon. ``time``
+    index date), whichever comes first; follow-up ends at the later of the end of the
+    observation period that contains the index and a recorded death (a death index records
+    deaths after the last encounter), and is administratively censored at the task horizon. ``time``
     is in days (an event on the index day counts as 0.5 days). Splits are not assigned here
     (see ``assign_splits``); the ``split`` column is left empty.
 
@@ -243,7 +244,12 @@ def build_cohort(
     if spec.outcome_groups:
         candidates.append(merged["outcome_date"])
     event_date = pd.concat(candidates, axis=1).min(axis=1) if candidates else pd.Series(pd.NaT, index=studies.index)
-    censor_date = pd.concat([merged["followup_end"], horizon_end], axis=1).min(axis=1)
+    # follow-up ends at the later of the observation period's end and a recorded death: a death
+    # index records deaths after the last encounter, and censoring those at the period's end
+    # would lose them
+    death_after = merged["death_date"].where(merged["death_date"] >= studies["index_date"])
+    followup_end = pd.concat([merged["followup_end"], death_after], axis=1).max(axis=1)
+    censor_date = pd.concat([followup_end, horizon_end], axis=1).min(axis=1)
     event = event_date.notna() & (event_date <= censor_date)
     end_date = event_date.where(event, censor_date)
     days = (end_date - studies["index_date"]).dt.days.astype("float64")

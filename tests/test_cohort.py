@@ -103,6 +103,26 @@ def test_pe_cohort_times_events_and_exclusions(world):
     assert list(result.cohort.columns) == list(hc.COHORT_COLUMNS)
 
 
+def test_a_death_after_the_observation_period_ends_follow_up_there(tmp_path):
+    """A death recorded after the last encounter (a death index) is an event, not a censoring at
+    the end of the observation period; with no death, follow-up ends with the period."""
+    persons = [(p, GENDER_MALE, 1950, 6, 15) for p in (1, 2, 3)]
+    periods = [(p, "2010-01-01", "2020-08-01") for p in (1, 2, 3)]
+    deaths = [(1, "2020-12-01"), (2, "2022-01-01")]  # within the PE horizon; after it
+    omop = write_omop(tmp_path / "omop", persons=persons, periods=periods, deaths=deaths)
+    root = tmp_path / "images"
+    root.mkdir()
+    rows = []
+    for p in (1, 2, 3):
+        (root / f"s{p}.nii.gz").write_bytes(b"x")
+        rows.append((f"s{p}", str(p), "site_a", D("2020-06-01 10:30"), f"s{p}.nii.gz", "nifti"))
+    index = pd.DataFrame(rows, columns=list(hc.IMAGING_INDEX_COLUMNS))
+    got = hc.build_cohort(hc.connect_omop(omop), index, "pe", imaging_root=root).cohort.set_index("study_id")
+    assert got.loc["s1", "event"] == 1 and got.loc["s1", "time"] == 183.0   # death 6 months later
+    assert got.loc["s2", "event"] == 0 and got.loc["s2", "time"] == 365.0   # followed to the horizon
+    assert got.loc["s3", "event"] == 0 and got.loc["s3", "time"] == 61.0    # censored at the period's end
+
+
 def test_mace_events_come_from_conditions_after_the_index(world):
     con = hc.connect_omop(world["omop"])
     result = hc.build_cohort(con, hc.read_imaging_index(world["index"]), "mace", imaging_root=world["root"])
