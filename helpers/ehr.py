@@ -216,6 +216,20 @@ def _flags(con, kind: str, features: list[Feature]) -> pd.DataFrame:
     return con.execute(query).df()
 
 
+# A unit as exports spell it, compared without case, surrounding spaces or the micro sign's
+# spelling ("MG/DL ", "mg/dl" and "mg/dL" are one unit; "µmol/L" is "umol/L").
+_UNIT_KEY_SQL = "replace(replace(lower(trim({})), 'µ', 'u'), 'μ', 'u')"
+
+
+def _unit_key(unit: str) -> str:
+    """The key ``_UNIT_KEY_SQL`` gives ``unit``.
+
+    >>> _unit_key(" µmol/L"), _unit_key("MG/DL")
+    ('umol/l', 'mg/dl')
+    """
+    return unit.strip().lower().replace("µ", "u").replace("μ", "u")
+
+
 def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not features:
         return pd.DataFrame(columns=["study_id", "name"]), pd.DataFrame(columns=["lab", "unit", "rows"])
@@ -223,8 +237,8 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
     timing = _timing(con, table, dt_col, date_col, alias="m")
     groups = sorted({f.group for f in features})
     units = ", ".join(
-        f"('{g}', '{LABS[g].unit}', 1.0)"
-        + (f", ('{g}', '{LABS[g].alt_unit}', {LABS[g].alt_factor!r})" if LABS[g].alt_unit else "")
+        f"('{g}', '{_unit_key(LABS[g].unit)}', 1.0)"
+        + (f", ('{g}', '{_unit_key(LABS[g].alt_unit)}', {LABS[g].alt_factor!r})" if LABS[g].alt_unit else "")
         for g in groups
     )
     windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
@@ -235,7 +249,8 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
              ids AS (SELECT c.concept_id, codes.grp FROM concept c JOIN codes USING (vocabulary_id, concept_code)),
              rows AS (
                 SELECT s.study_id, feats.name, ids.grp, {timing.at} AS at, m.measurement_id,
-                       m.value_as_number AS value, m.unit_source_value AS unit
+                       m.value_as_number AS value, m.unit_source_value AS unit,
+                       {_UNIT_KEY_SQL.format("m.unit_source_value")} AS unit_key
                 FROM _studies s
                 JOIN measurement m ON m.person_id = s.person_key
                 JOIN ids ON ids.concept_id = m.measurement_concept_id
@@ -247,7 +262,7 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
         base
         + """
         SELECT r.study_id, r.name, arg_max(r.value / u.factor, (r.at, r.measurement_id)) AS value
-        FROM rows r JOIN units u ON u.grp = r.grp AND u.unit = r.unit
+        FROM rows r JOIN units u ON u.grp = r.grp AND u.unit = r.unit_key
         WHERE r.value IS NOT NULL
         GROUP BY r.study_id, r.name
         """
@@ -256,7 +271,7 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
         base
         + """
         SELECT r.grp AS lab, coalesce(r.unit, '(none)') AS unit, count(DISTINCT r.measurement_id) AS rows
-        FROM rows r LEFT JOIN units u ON u.grp = r.grp AND u.unit = r.unit
+        FROM rows r LEFT JOIN units u ON u.grp = r.grp AND u.unit = r.unit_key
         WHERE u.unit IS NULL OR r.value IS NULL
         GROUP BY ALL ORDER BY lab, unit
         """

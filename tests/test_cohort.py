@@ -63,8 +63,8 @@ def world(tmp_path):
     creat = concepts_in_group("creatinine")[0].concept_id
     measurements = [
         (1, 1, creat, "2020-05-01", "2020-05-01 08:00", 2.0, "mg/dL"),     # high
-        (2, 1, creat, "2020-05-20", "2020-05-20 08:00", 1.0, "mg/dL"),     # last value: normal
-        (3, 2, creat, "2020-05-20", "2020-05-20 08:00", 200.0, "umol/L"),  # 2.26 mg/dL: high
+        (2, 1, creat, "2020-05-20", "2020-05-20 08:00", 1.0, "MG/DL "),    # last value: normal (any case)
+        (3, 2, creat, "2020-05-20", "2020-05-20 08:00", 200.0, "µmol/l"),  # 2.26 mg/dL: high
         (4, 3, creat, "2020-05-20", "2020-05-20 08:00", 3.0, "mmol/L"),    # unit not recognised
     ]
     omop = write_omop(tmp_path / "omop", persons=persons, periods=periods, deaths=deaths, conditions=conditions,
