@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from helpers.imaging import IMAGING_INDEX_COLUMNS
 from helpers.manifest import Manifest, ManifestError
@@ -73,11 +74,40 @@ class CohortResult:
         )
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lower_view(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str,
+                names: list[str] | None = None) -> None:
+    """``CREATE VIEW <table>`` over ``source`` with every column named in lower case (exports
+    spell them ``PERSON_ID`` or ``condition_start_DATETIME`` too; the study's queries and the
+    frames they return use the CDM's lower-case names). Two columns that differ only in case
+    are an error naming ``where`` and both; ``names``: the source's own column names where
+    DuckDB would rename such a pair on read (parquet)."""
+    columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+    seen: dict[str, str] = {}
+    for column in names or []:
+        if column.lower() in seen:
+            raise CohortError(f"{where}: table {table!r} has columns {seen[column.lower()]!r} and {column!r}, "
+                              f"which differ only in case")
+        seen[column.lower()] = column
+    seen = {}
+    for column in columns:
+        if column.lower() in seen:
+            raise CohortError(f"{where}: table {table!r} has columns {seen[column.lower()]!r} and {column!r}, "
+                              f"which differ only in case")
+        seen[column.lower()] = column
+    select = ", ".join(f"{_quoted(c)} AS {_quoted(c.lower())}" for c in columns)
+    con.execute(f"CREATE VIEW {table} AS SELECT {select} FROM {source}")
+
+
 def connect_omop(tables: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per OMOP table.
+    """An in-memory DuckDB connection with one view per OMOP table, its columns named in lower
+    case whatever case the source uses.
 
     ``tables`` is a folder of ``<table>.parquet`` files or a DuckDB database file holding the
-    tables. Raises ``CohortError`` naming the missing tables.
+    tables (table names in any case). Raises ``CohortError`` naming the missing tables.
     """
     tables = Path(tables)
     if tables.is_dir():
@@ -89,15 +119,25 @@ def connect_omop(tables: Path) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect()
         for table in OMOP_TABLES:
             path = (tables / f"{table}.parquet").as_posix().replace("'", "''")
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{path}')")
+            _lower_view(con, table, f"read_parquet('{path}')", str(tables / f"{table}.parquet"),
+                        names=pq.read_schema(tables / f"{table}.parquet").names)
         return con
     if tables.is_file():
-        con = duckdb.connect(str(tables), read_only=True)
-        present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        con = duckdb.connect()
+        path = tables.as_posix().replace("'", "''")
+        try:
+            con.execute(f"ATTACH '{path}' AS omop_source (READ_ONLY)")
+        except duckdb.Error as err:
+            con.close()
+            raise CohortError(f"{tables}: not a DuckDB database ({err})") from None
+        present = {row[0].lower(): row[0] for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'omop_source'").fetchall()}
         missing = [t for t in OMOP_TABLES if t not in present]
         if missing:
             con.close()
             raise CohortError(f"{tables}: OMOP table(s) missing from the database: {', '.join(missing)}")
+        for table in OMOP_TABLES:
+            _lower_view(con, table, f"omop_source.{_quoted(present[table])}", str(tables))
         return con
     raise CohortError(f"{tables}: no such folder or DuckDB file")
 

@@ -181,3 +181,53 @@ def test_bad_inputs_are_named(tmp_path):
     cohort.to_parquet(tmp_path / "c.parquet")
     with pytest.raises(hc.CohortError, match=r"1 duplicated study_id; 1 row\(s\) with time <= 0"):
         hc.read_cohort(tmp_path / "c.parquet")
+
+
+def test_column_and_table_names_in_any_case_read_the_same(world, tmp_path):
+    """An export that spells its columns in upper case (parquet files) or its tables and columns
+    so (a DuckDB file) gives the same cohort and features, with the CDM's lower-case names."""
+    import duckdb
+
+    index = hc.read_imaging_index(world["index"])
+    expected = hc.build_cohort(hc.connect_omop(world["omop"]), index, "pe", imaging_root=world["root"]).cohort
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for path in world["omop"].glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame.columns = [c.upper() for c in frame.columns]
+        frame.to_parquet(upper / path.name, index=False)
+    con = hc.connect_omop(upper)
+    assert "person_id" in con.execute("SELECT * FROM person LIMIT 1").df().columns
+    got = hc.build_cohort(con, index, "pe", imaging_root=world["root"]).cohort
+    pd.testing.assert_frame_equal(got, expected)
+    np.testing.assert_array_equal(onehot_features(con, got, "pe").features.to_numpy(),
+                                  onehot_features(hc.connect_omop(world["omop"]), expected, "pe").features.to_numpy())
+    database = tmp_path / "omop.duckdb"
+    with duckdb.connect(str(database)) as db:
+        for path in upper.glob("*.parquet"):
+            db.execute(f"CREATE TABLE {path.stem.upper()} AS SELECT * FROM read_parquet('{path.as_posix()}')")
+    got = hc.build_cohort(hc.connect_omop(database), index, "pe", imaging_root=world["root"]).cohort
+    pd.testing.assert_frame_equal(got, expected)
+    clash = pd.read_parquet(upper / "death.parquet").assign(death_date=pd.Timestamp("2020-01-01").date())
+    clash.to_parquet(upper / "death.parquet", index=False)
+    with pytest.raises(hc.CohortError, match=r"death.parquet: table 'death' has columns 'DEATH_DATE' and 'death_date', "
+                                             r"which differ only in case"):
+        hc.connect_omop(upper)
+
+
+def test_the_meds_export_reads_upper_case_columns(tmp_path):
+    """Upper-case column spellings (``CONDITION_START_DATETIME``) reach the MEDS export of the
+    CLMBR encoders as the CDM's names: the same timelines as from the original tables."""
+    from helpers.meds import omop_to_meds
+    from helpers.twin import generate
+
+    generate(tmp_path / "twin", profile="tiny", seed=3, n_override={"internal": 30, "external": 10}, images=False,
+             tasks=("pe",))
+    source = tmp_path / "twin" / "pe" / "omop"
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for path in source.glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        frame.columns = [c.upper() for c in frame.columns]
+        frame.to_parquet(upper / path.name, index=False)
+    pd.testing.assert_frame_equal(omop_to_meds(hc.connect_omop(upper)), omop_to_meds(hc.connect_omop(source)))
