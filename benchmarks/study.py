@@ -4,7 +4,8 @@ Reads every executed notebook under an output folder (papermill records each not
 duration, kernel start-up excluded) and prints, per setting of the twin, the seconds per rule
 and task, the sum over notebooks, the span from the first notebook's start to the last one's
 end (the wall time of the run, when it ran in one go) and their ratio (how many cores were
-busy on average), and the size on disk of each folder. Run after ``make study``:
+busy on average), and the size on disk of each folder, and, when the mechanism study ran, the seconds per job and step
+from its records. Run after ``make study``:
 
     .venv/bin/python benchmarks/study.py outputs/quick
     .venv/bin/python benchmarks/study.py outputs/paper --top 10
@@ -80,6 +81,27 @@ def main() -> None:
                 print(f"  {folder.relative_to(base.parent) if folder.is_relative_to(base.parent) else folder}/{name:12s} "
                       f"{size / 1e6:9.1f} MB")
     print(f"  book/_build {_bytes(PROJECT_ROOT / 'book' / '_build') / 1e6:9.1f} MB")
+    _mechanism(base)
+
+
+def _mechanism(base: Path) -> None:
+    """Where the mechanism study's time went, from each job's record
+    (``<output_dir>/<profile>/sweep/mechanism-<task>-seed-<n>.csv``, ``helpers.mechanism``)."""
+    import pandas as pd
+
+    records = sorted(base.parent.glob("*/sweep/mechanism-*-seed-*.csv")) + sorted(base.glob("*/sweep/mechanism-*.csv"))
+    if not records:
+        return
+    frame = pd.concat([pd.read_csv(p) for p in records], ignore_index=True)
+    steps = [c for c in frame.columns if c.endswith("_seconds")]
+    per_job = frame.groupby(["task", "twin_seed"])[steps].sum()
+    print(f"mechanism study: {len(per_job)} job(s), {len(frame)} settings; internal test events "
+          f"{frame['test_events'].min()} to {frame['test_events'].max()}")
+    print("  seconds per job and step: " + ", ".join(
+        f"{c.removesuffix('_seconds')} {per_job[c].mean():.0f}" for c in steps)
+        + f"; total {per_job.sum(axis=1).mean():.0f} s per job (mean), {per_job.to_numpy().sum():.0f} s in all")
+    print(f"  training per setting: {frame['train_seconds'].median():.1f} s (median), "
+          f"{frame['train_seconds'].max():.1f} s (max)")
 
 
 if __name__ == "__main__":
