@@ -19,6 +19,12 @@ cohorts (which differ by a few studies: a planted defect is drawn among censored
 encoded once, and every setting links that table. The records, the cohort and the EHR features
 are made anew at each setting, because the outcomes are in them.
 
+Every strategy chooses its L2 penalty from ``L2_GRID`` by its validation C at one setting
+(``tuning_setting``: s = 0.5 at the default kappa), once per task and twin seed, and keeps it
+at every setting: the same tuning budget for every strategy, none of it on test data
+(``tuning_path`` records the choices). One choice per twin rather than per setting keeps the
+budget: a grid of three at every setting would triple the training time.
+
 Why not one Snakemake job per setting and strategy, as the rest of the study: the grid has 15
 settings x 7 strategies per task and twin seed; at about 6 s of kernel start-up per notebook
 that alone would take longer than the study's whole budget on 2 cores. A setting's folder holds
@@ -47,11 +53,13 @@ from helpers.tasks import (
 )
 
 __all__ = ["SHARES", "INTERACTIONS", "INTERNAL", "PREDICTIONS", "MechanismSpec", "MechanismResult", "settings",
-           "run_mechanism", "result_path", "collect", "balance", "setting_table", "rank_first", "judge", "mechanism_figure"]
+           "run_mechanism", "result_path", "tuning_setting", "tuning_path", "L2_GRID", "collect", "collect_tuning", "balance", "setting_table", "rank_first", "judge", "mechanism_figure"]
 
 # The grid of the mechanism study.
 SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 INTERACTIONS: tuple[float, ...] = (0.0, DEFAULT_INTERACTION, 2 * DEFAULT_INTERACTION)
+# The L2 penalties (helpers.training.TrainConfig.l2) each strategy chooses from on validation.
+L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,11 @@ class MechanismSpec:
     ``manifest``: the study's manifest (the digital twin; its encoders and splits are used).
     ``profile``: the twin's size (``helpers.tasks.PROFILES``, default ``mechanism``).
     ``fusions``: the strategies trained at every setting, all on ``ehr_repr`` with training
-    seed ``seed``; ``n_boot``: bootstrap resamples of each C-index interval.
+    seed ``seed``; ``n_boot``: bootstrap resamples of each C-index interval; ``options``:
+    training hyper-parameters for every strategy. ``l2_grid``: each strategy's L2 penalty is
+    chosen from these values by its validation C at the tuning setting (``tuning_setting``)
+    and kept at every setting, so that every strategy gets the same tuning budget and none is
+    tuned on test data; ``()`` keeps ``options`` as they are.
     """
 
     manifest: Manifest
@@ -75,6 +87,7 @@ class MechanismSpec:
     seed: int = 0
     n_boot: int = 200
     options: dict = field(default_factory=dict)
+    l2_grid: tuple[float, ...] = L2_GRID
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -95,6 +108,21 @@ def settings(spec: MechanismSpec) -> list[Setting]:
     return [Setting(spec.profile, s, k, spec.twin_seed, sweep=True) for k in spec.interactions for s in spec.shares]
 
 
+def tuning_setting(grid: list[Setting]) -> int:
+    """The index in ``grid`` of the setting the L2 penalties are chosen at: the one nearest to
+    s = 0.5 among the largest interactions below the grid's maximum (the default kappa in the
+    study's grid), where both modalities and the interaction carry information."""
+    kappas = sorted({g.interaction for g in grid})
+    kappa = kappas[-2] if len(kappas) > 1 else kappas[0]
+    candidates = [k for k, g in enumerate(grid) if g.interaction == kappa]
+    return min(candidates, key=lambda k: (abs(grid[k].image_share - 0.5), grid[k].image_share))
+
+
+def tuning_path(output_dir: str | Path, profile: str, task: str, twin_seed: int) -> Path:
+    """The penalties each strategy chose: ``<output_dir>/<profile>/sweep/tuning-<task>-seed-<n>.csv``."""
+    return Path(output_dir) / profile / "sweep" / f"tuning-{task}-seed-{int(twin_seed)}.csv"
+
+
 def result_path(output_dir: str | Path, profile: str, task: str, twin_seed: int) -> Path:
     """Where ``run_mechanism`` records what it ran for one task and twin seed:
     ``<output_dir>/<profile>/sweep/mechanism-<task>-seed-<n>.csv``."""
@@ -109,6 +137,7 @@ class MechanismResult:
     spec: MechanismSpec
     timings: pd.DataFrame
     path: Path
+    tuning: pd.DataFrame | None = None
 
 
 def _link(source: Path, target: Path) -> None:
@@ -181,24 +210,47 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
     studies = list(dict.fromkeys(s for build in builds for s in build.result.cohort["study_id"]))
     extract(first, task, "image", image_encoder, studies=studies)
     encoded_seconds = time.perf_counter() - started
+
+    def train(manifest: Manifest, build, ehr: Path, fusion: str, options: dict, output_dir: Path | None = None):
+        strategy = get_strategy(fusion)
+        ehr_repr = spec.ehr_repr if strategy.uses_ehr else "none"
+        return train_run(RunSpec(
+            task=task, ehr_repr=ehr_repr, fusion=fusion, seed=spec.seed, cohort_path=build.paths["cohort"],
+            image_embeddings=embedding_path(manifest.run_root, task, "image", image_encoder)
+            if strategy.uses_image else None,
+            ehr_embeddings=ehr if strategy.uses_ehr else None,
+            output_dir=output_dir or run_dir(manifest.run_root, task, ehr_repr, fusion, spec.seed), options=options))
+
+    for manifest in manifests[1:]:
+        here = embedding_path(manifest.run_root, task, "image", image_encoder)
+        for source in image_table.parent.glob(f"{image_table.stem}.*"):
+            _link(source, here.with_name(source.name))
+    started = time.perf_counter()
+    chosen: dict[str, dict] = {fusion: dict(spec.options) for fusion in spec.fusions}
+    tuning = []
+    if spec.l2_grid:
+        t = tuning_setting(grid)
+        ehr = extract(manifests[t], task, "ehr", spec.ehr_repr).path
+        for fusion in spec.fusions:
+            scores = {}
+            for l2 in spec.l2_grid:
+                folder = manifests[t].run_root / "tuning" / task / fusion / f"l2-{l2:g}"
+                result = train(manifests[t], builds[t], ehr, fusion, {**spec.options, "l2": l2}, folder)
+                scores[l2] = result.scores["val"]["c_index"]
+                tuning.append({"task": task, "twin_seed": spec.twin_seed, "setting": grid[t].label, "fusion": fusion,
+                               "l2": l2, "val_c_index": round(scores[l2], 4)})
+            best = max(scores, key=lambda v: (scores[v], -v))  # ties: the smaller penalty
+            chosen[fusion] = {**spec.options, "l2": best}
+            for row in tuning[-len(spec.l2_grid):]:
+                row["chosen"] = row["l2"] == best
+    tuned_seconds = time.perf_counter() - started
     for k, (setting, manifest, build) in enumerate(zip(grid, manifests, builds, strict=True)):
         clock = {"started": time.perf_counter()}
-        if k > 0:
-            here = embedding_path(manifest.run_root, task, "image", image_encoder)
-            for source in image_table.parent.glob(f"{image_table.stem}.*"):
-                _link(source, here.with_name(source.name))
         ehr = extract(manifest, task, "ehr", spec.ehr_repr).path
         clock["embeddings"] = time.perf_counter()
         runs_dir = manifest.run_root / "runs"
         for fusion in spec.fusions:
-            strategy = get_strategy(fusion)
-            ehr_repr = spec.ehr_repr if strategy.uses_ehr else "none"
-            train_run(RunSpec(
-                task=task, ehr_repr=ehr_repr, fusion=fusion, seed=spec.seed, cohort_path=build.paths["cohort"],
-                image_embeddings=embedding_path(manifest.run_root, task, "image", image_encoder)
-                if strategy.uses_image else None,
-                ehr_embeddings=ehr if strategy.uses_ehr else None,
-                output_dir=run_dir(manifest.run_root, task, ehr_repr, fusion, spec.seed), options=dict(spec.options)))
+            train(manifest, build, ehr, fusion, chosen[fusion])
         clock["train"] = time.perf_counter()
         runs = collect_runs(runs_dir, task)
         runs = runs[runs["fusion"].isin(spec.fusions) & (runs["seed"] == spec.seed)]
@@ -209,6 +261,7 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
         rows[k].update({
             "test_studies": len(test), "test_events": int(test["event"].sum()),
             "encode_seconds": round(encoded_seconds, 2) if k == 0 else 0.0,
+            "tune_seconds": round(tuned_seconds, 2) if k == 0 else 0.0,
             "ehr_seconds": round(clock["embeddings"] - clock["started"], 2),
             "train_seconds": round(clock["train"] - clock["embeddings"], 2),
             "score_seconds": round(clock["score"] - clock["train"], 2)})
@@ -216,12 +269,16 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
             print(f"{setting.label}: {rows[k]['test_events']} internal test events, "
                   f"{clock['score'] - clock['started']:.1f} s", flush=True)
     timings = pd.DataFrame(rows)
+    tuned = tuning_path(spec.manifest.output_dir, spec.profile, task, spec.twin_seed)
+    tuned.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(tuning, columns=["task", "twin_seed", "setting", "fusion", "l2", "val_c_index", "chosen"]).to_csv(
+        tuned, index=False)
     path = result_path(spec.manifest.output_dir, spec.profile, task, spec.twin_seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     timings.to_csv(tmp, index=False)
     tmp.replace(path)
-    return MechanismResult(spec=spec, timings=timings, path=path)
+    return MechanismResult(spec=spec, timings=timings, path=path, tuning=pd.read_csv(tuned))
 
 
 # ------------------------------------------------------------------------------ the analysis
@@ -238,6 +295,20 @@ def collect(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...],
 
     results = collect_settings(output_dir, grid, tasks, ehr_reprs=(ehr_repr,), seed=seed)
     return results.assign(strategy=results["fusion"].where(results["model"] != ORACLE, "oracle"))
+
+
+def collect_tuning(output_dir: str | Path, profile: str, tasks: tuple[str, ...], twin_seeds: tuple[int, ...]) -> pd.DataFrame:
+    """The penalty choices of every task and twin seed (``tuning_path``), one frame; a missing
+    record is an error naming the file."""
+    frames = []
+    for task in tasks:
+        for seed in twin_seeds:
+            path = tuning_path(output_dir, profile, task, seed)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no tuning record for task {task!r}, twin seed {seed}; "
+                                        f"run the mechanism study (notebooks/06_mechanism.ipynb) first")
+            frames.append(pd.read_csv(path))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def balance(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...]) -> pd.DataFrame:

@@ -3,6 +3,7 @@ rendered and encoded once, and the analysis (tables, ranks, verdicts) on results
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _manifest(folder: Path):
 def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp_path):
     manifest = _manifest(tmp_path)
     spec = mech.MechanismSpec(manifest=manifest, task="mace", twin_seed=5, profile="tiny", shares=(0.0, 1.0),
-                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20)
+                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20, l2_grid=(1e-4, 1e-2))
     result = mech.run_mechanism(spec)
     grid = mech.settings(spec)
     assert [g.label for g in grid] == ["tiny/sweep/share-0_interaction-0.75_seed-5",
@@ -56,6 +57,27 @@ def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp
     timings = pd.read_csv(result.path)
     assert list(timings["image_share"]) == [0.0, 1.0] and (timings["test_events"] > 0).all()
     assert timings.loc[0, "encode_seconds"] > 0 and timings.loc[1, "encode_seconds"] == 0  # encoded once
+    # each strategy chose its penalty on validation at one setting, and kept it everywhere
+    tuning = result.tuning
+    assert list(tuning["fusion"]) == ["image_only"] * 2 + ["ehr_only"] * 2 and list(tuning["l2"]) == [1e-4, 1e-2] * 2
+    assert tuning.groupby("fusion")["chosen"].sum().tolist() == [1, 1]
+    assert set(tuning["setting"]) == {grid[mech.tuning_setting(grid)].label}
+    for fusion, ehr_repr in (("image_only", "none"), ("ehr_only", "onehot")):
+        pick = tuning[(tuning["fusion"] == fusion) & tuning["chosen"]]
+        best = tuning[tuning["fusion"] == fusion]["val_c_index"].max()
+        assert pick["val_c_index"].iloc[0] == best
+        for root in (first, second):
+            params = json.loads((root / "runs" / "mace" / ehr_repr / fusion / "seed-0" / "params.json").read_text())
+            assert params["options"]["l2"] == pick["l2"].iloc[0]
+    assert not (first / "runs" / "mace").joinpath("tuning").exists()  # tuning runs are kept apart
+
+
+def test_the_tuning_setting_is_the_middle_share_at_the_default_interaction():
+    grid = [mech.Setting("tiny", s, k, 1, sweep=True) for k in (0.0, 0.75, 1.5) for s in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    chosen = grid[mech.tuning_setting(grid)]
+    assert (chosen.image_share, chosen.interaction) == (0.5, 0.75)
+    small = [mech.Setting("tiny", s, 0.75, 1, sweep=True) for s in (0.0, 1.0)]
+    assert small[mech.tuning_setting(small)].image_share == 0.0
 
 
 def test_the_spec_refuses_what_the_study_cannot_run(tmp_path):
