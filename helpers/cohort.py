@@ -382,6 +382,15 @@ def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def imaging_files(index: pd.DataFrame, imaging_root: Path, study_ids) -> pd.DataFrame:
+    """The rows of the imaging ``index`` for ``study_ids`` (the first of a duplicated id):
+    ``study_id``, ``image_path`` made absolute under ``imaging_root``, ``image_format``."""
+    imaging = index.loc[index["study_id"].isin(list(study_ids)), ["study_id", "image_path", "image_format"]]
+    imaging = imaging.drop_duplicates("study_id").copy()
+    imaging["image_path"] = [str((Path(imaging_root) / p).resolve()) for p in imaging["image_path"]]
+    return imaging
+
+
 def write_cohort(
     result: CohortResult, index: pd.DataFrame, imaging_root: Path, paths: dict[str, Path]
 ) -> dict:
@@ -390,9 +399,7 @@ def write_cohort(
     The summary holds counts only (no identifiers or dates), so the book may show it.
     """
     cohort = result.cohort
-    imaging = index.loc[index["study_id"].isin(cohort["study_id"]), ["study_id", "image_path", "image_format"]]
-    imaging = imaging.drop_duplicates("study_id").copy()
-    imaging["image_path"] = [str((Path(imaging_root) / p).resolve()) for p in imaging["image_path"]]
+    imaging = imaging_files(index, imaging_root, cohort["study_id"])
     summary = {
         "studies_in_index": int(len(index)),
         "studies_in_cohort": int(len(cohort)),
@@ -462,7 +469,7 @@ def make_source(manifest: Manifest, task: str, *, progress: bool = False) -> dic
     return json.loads((manifest.twin_dir / task / "twin.json").read_text())
 
 
-__all__ += ["make_source"]
+__all__ += ["make_source", "imaging_files"]
 
 
 # EHR encoder kinds that read the records as MEDS timelines (helpers.meds).

@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _META_KEY = b"helpers"
-# The metadata key naming the tables's .npy copy of its tokens (see the module's docstring).
+# The metadata key naming the table's .npy copy of its tokens (see the module's docstring).
 _TOKEN_FILE = "token_file"
 # One row per study an extraction left out: its id, the image it could not read, the class
 # of the error and its message (which names the file or folder and what was expected).
@@ -218,8 +218,8 @@ def _cached_tokens(path: Path, entry: object, ids: np.ndarray, column_type: pa.D
         block = np.load(path.with_name(entry["file"]), allow_pickle=False)
     except (OSError, ValueError):
         return None
-    dim = column_type.value_type.list_size if pa.types.is_fixed_size_list(getattr(column_type, "value_type", None)
-                                                                           or pa.null()) else -1
+    inner = getattr(column_type, "value_type", None)
+    dim = inner.list_size if inner is not None and pa.types.is_fixed_size_list(inner) else -1
     if block.dtype != np.float32 or block.ndim != 3 or len(block) != len(ids) or block.shape[2] != dim:
         return None
     return block

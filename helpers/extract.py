@@ -141,14 +141,12 @@ def _imaging_of(manifest: Manifest, task: str, studies: list[str]) -> pd.DataFra
     """The CT files of ``studies`` from the imaging index itself (not the cohort's imaging
     table), indexed by study id, with absolute paths."""
     _, index_path, root = hc.imaging_source(manifest, task)
-    index = hc.read_imaging_index(index_path).drop_duplicates("study_id").set_index("study_id")
-    unknown = [s for s in studies if s not in index.index]
+    imaging = hc.imaging_files(hc.read_imaging_index(index_path), root, studies).set_index("study_id")
+    unknown = [s for s in studies if s not in imaging.index]
     if unknown:
         raise EmbeddingError(f"parameter 'studies': {len(unknown)} studies are not in {index_path}, "
                              f"e.g. {', '.join(unknown[:5])}")
-    imaging = index.loc[studies, ["image_path"]].copy()
-    imaging["image_path"] = [str((Path(root) / p).resolve()) for p in imaging["image_path"]]
-    return imaging
+    return imaging.loc[studies]
 
 
 def _image(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd.DataFrame, imaging: pd.DataFrame,

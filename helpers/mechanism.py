@@ -228,25 +228,26 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
     started = time.perf_counter()
     chosen: dict[str, dict] = {fusion: dict(spec.options) for fusion in spec.fusions}
     tuning = []
+    ehr_tables: dict[int, Path] = {}  # the one-hot table of each setting, made once
     if spec.l2_grid:
         t = tuning_setting(grid)
-        ehr = extract(manifests[t], task, "ehr", spec.ehr_repr).path
+        ehr_tables[t] = extract(manifests[t], task, "ehr", spec.ehr_repr).path
         for fusion in spec.fusions:
-            scores = {}
+            val_c = {}
             for l2 in spec.l2_grid:
                 folder = manifests[t].run_root / "tuning" / task / fusion / f"l2-{l2:g}"
-                result = train(manifests[t], builds[t], ehr, fusion, {**spec.options, "l2": l2}, folder)
-                scores[l2] = result.scores["val"]["c_index"]
+                result = train(manifests[t], builds[t], ehr_tables[t], fusion, {**spec.options, "l2": l2}, folder)
+                val_c[l2] = result.scores["val"]["c_index"]
                 tuning.append({"task": task, "twin_seed": spec.twin_seed, "setting": grid[t].label, "fusion": fusion,
-                               "l2": l2, "val_c_index": round(scores[l2], 4)})
-            best = max(scores, key=lambda v: (scores[v], -v))  # ties: the smaller penalty
+                               "l2": l2, "val_c_index": round(val_c[l2], 4)})
+            best = max(val_c, key=lambda v: (val_c[v], -v))  # ties: the smaller penalty
             chosen[fusion] = {**spec.options, "l2": best}
             for row in tuning[-len(spec.l2_grid):]:
                 row["chosen"] = row["l2"] == best
     tuned_seconds = time.perf_counter() - started
     for k, (setting, manifest, build) in enumerate(zip(grid, manifests, builds, strict=True)):
         clock = {"started": time.perf_counter()}
-        ehr = extract(manifest, task, "ehr", spec.ehr_repr).path
+        ehr = ehr_tables.get(k) or extract(manifest, task, "ehr", spec.ehr_repr).path
         clock["embeddings"] = time.perf_counter()
         runs_dir = manifest.run_root / "runs"
         for fusion in spec.fusions:
