@@ -473,6 +473,7 @@ rule mechanism:
             "06_mechanism.ipynb", output.notebook, task=wc.task, twin_seed=int(wc.twin_seed),
             profile=PROFILE.mechanism_profile, shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
             interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS), fusions=",".join(GRID_FUSIONS),
+            shifts=",".join(PROFILE.mechanism_shifts), shift_studies=PROFILE.mechanism_shift_studies,
             manifest=input.manifest),
     shell:
         "{params.cmd}"
@@ -493,7 +494,7 @@ rule imbalance:
             shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
             interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS),
             twin_seeds=",".join(map(str, MECHANISM_SEEDS)), tasks=",".join(GRID_TASKS), fusions=",".join(GRID_FUSIONS),
-            out_dir=str(Path(output.table).parent)),
+            shifts=",".join(PROFILE.mechanism_shifts), out_dir=str(Path(output.table).parent)),
     shell:
         "{params.cmd}"
 

@@ -26,7 +26,8 @@ def _twin(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     summary = generate(Path(args.out), profile=args.profile, seed=args.seed, image_share=args.image_share,
-                       interaction=args.interaction, tasks=tuple(args.tasks), progress=True)
+                       interaction=args.interaction, tasks=tuple(args.tasks), progress=True,
+                       site_shift=args.site_shift)
     print(f"digital twin ({args.profile}, seed {args.seed}, interaction {args.interaction}) written to {args.out} "
           f"in {time.perf_counter() - started:.1f} s")
     for task, info in summary["tasks"].items():
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     check.set_defaults(func=_manifest_check)
 
     from helpers.tasks import DEFAULT_INTERACTION
+    from helpers.twin.records import SITE_SHIFTS
 
     twin = sub.add_parser("twin", help="write the digital twin")
     twin.add_argument("--profile", choices=list(PROFILES), default="quick")
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     twin.add_argument("--interaction", type=float, default=DEFAULT_INTERACTION,
                       help=f"weight (kappa) of the cross-modal interaction, >= 0 (default {DEFAULT_INTERACTION})")
     twin.add_argument("--tasks", nargs="+", default=["pe", "mace"], choices=["pe", "mace"])
+    twin.add_argument("--site-shift", default="all", choices=list(SITE_SHIFTS),
+                      help="which of the external site's traits it keeps, the rest being the internal site's "
+                           "(default all: the external site as it is)")
     twin.add_argument("--out", required=True)
     twin.set_defaults(func=_twin)
 

@@ -465,7 +465,7 @@ def make_source(manifest: Manifest, task: str, *, progress: bool = False) -> dic
 
     s = manifest.synthetic
     generate(manifest.twin_dir, profile=s.profile, seed=s.seed, image_share=s.image_share, interaction=s.interaction,
-             tasks=(task,), progress=progress)
+             tasks=(task,), progress=progress, site_shift=s.shift or "all")
     return json.loads((manifest.twin_dir / task / "twin.json").read_text())
 
 

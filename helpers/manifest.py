@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from helpers.tasks import DEFAULT_INTERACTION, PROFILES, TASKS, Setting
+from helpers.tasks import DEFAULT_INTERACTION, PROFILES, SHIFTS, TASKS, Setting
 
 __all__ = [
     "ManifestError",
@@ -63,6 +63,16 @@ class SyntheticSource(_Strict):
     # a setting of the imbalance study (written by the workflow): its outputs go under
     # <profile>/sweep/ (see helpers.tasks.Setting)
     sweep: bool = False
+    # a twin of the mechanism study's site shifts (helpers.tasks.SHIFTS): which of the external
+    # site's traits it keeps; None (the study's twin) is the external site as it is
+    shift: str | None = None
+
+    @field_validator("shift")
+    @classmethod
+    def _known_shift(cls, value: str | None) -> str | None:
+        if value is not None and value not in SHIFTS:
+            raise ValueError(f"unknown site shift {value!r}; expected one of {', '.join(SHIFTS)}")
+        return value
 
     @field_validator("profile")
     @classmethod
@@ -74,7 +84,8 @@ class SyntheticSource(_Strict):
     @property
     def setting(self) -> Setting:
         """The twin setting (profile, image share, interaction, seed) this source names."""
-        return Setting(self.profile, self.image_share, self.interaction, self.seed, sweep=self.sweep)
+        return Setting(self.profile, self.image_share, self.interaction, self.seed, sweep=self.sweep,
+                       shift=self.shift)
 
 
 class ImagingSource(_Strict):
@@ -222,7 +233,8 @@ class Manifest(_Strict):
             )
         synthetic = self.synthetic.model_copy(update={
             "profile": setting.profile, "image_share": setting.image_share,
-            "interaction": setting.interaction, "seed": setting.seed, "sweep": setting.sweep})
+            "interaction": setting.interaction, "seed": setting.seed, "sweep": setting.sweep,
+            "shift": setting.shift})
         data = self.data.model_copy(update={"synthetic": synthetic})
         return self.model_copy(update={"data": data})
 

@@ -26,6 +26,7 @@ __all__ = [
     "PROFILES",
     "Setting",
     "DEFAULT_INTERACTION",
+    "SHIFTS",
     "ParameterError",
     "check_choice",
     "get_task",
@@ -163,6 +164,11 @@ UNIMODAL_IMAGE = "none"
 # The twin's default cross-modal interaction (kappa, see helpers.twin).
 DEFAULT_INTERACTION = 0.75
 
+# The external site's shifts (``helpers.twin.records.SITE_SHIFTS`` says which traits each
+# one takes over): ``none`` (its patients, recorded and scanned as at the internal site), one
+# trait group at a time, and ``all`` (the external site as it is, the default).
+SHIFTS: tuple[str, ...] = ("none", "hu_offset", "noise", "slice_thickness", "ehr_completeness", "lab_units", "all")
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -176,7 +182,9 @@ class Profile:
     every strategy on the one-hot EHR features at each ``image_share`` of ``mechanism_shares``
     and each interaction of ``mechanism_interactions`` (multiples of the manifest's kappa), on
     ``mechanism_twin_seeds`` twins of size ``mechanism_profile`` (the manifest's seed and the
-    next ones; 0 for no mechanism study). ``short_pretraining``: the built-in foundation models pretrain
+    next ones; 0 for no mechanism study), and the tuning setting's models on the external site
+    under each site shift of ``mechanism_shifts`` (``SHIFTS``), on twins with
+    ``mechanism_shift_studies`` external studies. ``short_pretraining``: the built-in foundation models pretrain
     for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
     ``probe_encoders``: also extract (and pretrain) the manifest's other image encoders, which
     the embeddings chapter probes but no model trains on (the fusion models use the first); the
@@ -197,6 +205,8 @@ class Profile:
     mechanism_twin_seeds: int = 0
     mechanism_shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     mechanism_interactions: tuple[float, ...] = (0.0, 1.0, 2.0)
+    mechanism_shifts: tuple[str, ...] = SHIFTS
+    mechanism_shift_studies: int = 400
     short_pretraining: bool = False
     probe_encoders: bool = True
     saliency_fusions: tuple[str, ...] = ("concat", "contrastive", "cross_attention", "coattn_image_guided",
@@ -209,7 +219,8 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("tiny", "a few dozen studies per task: the tests' twin",
             {"pe": {"internal": 140, "external": 40}, "mace": {"internal": 140, "external": 40}},
             min_event_rate=0.3, seeds=(0,), mechanism_profile="tiny", mechanism_twin_seeds=1,
-            mechanism_shares=(0.0, 1.0), mechanism_interactions=(0.0, 1.0), short_pretraining=True, saliency_cases=6),
+            mechanism_shares=(0.0, 1.0), mechanism_interactions=(0.0, 1.0), mechanism_shifts=("none", "noise", "lab_units"),
+            mechanism_shift_studies=30, short_pretraining=True, saliency_cases=6),
     Profile("quick", "a few hundred studies per task, teaching event rates: a workshop's coffee break",
             {"pe": {"internal": 450, "external": 120}, "mace": {"internal": 440, "external": 120}},
             min_event_rate=0.4, seeds=(0,), short_pretraining=True,
@@ -242,6 +253,14 @@ class Setting:
     'quick/sweep/share-1_interaction-0.35_seed-7'
     >>> Setting.from_label("quick/sweep/share-1_interaction-0.35_seed-7") == Setting("quick", 1.0, 0.35, 7, sweep=True)
     True
+
+    ``shift`` (None, the study's twin; or one of ``SHIFTS``, a twin of the mechanism study's
+    site shifts, whose external site keeps only the named traits and whose label names it):
+
+    >>> Setting("quick", 0.5, 0.75, 7, sweep=True, shift="hu_offset").label
+    'quick/sweep/share-0.5_interaction-0.75_seed-7_shift-hu-offset'
+    >>> Setting.from_label(_).shift
+    'hu_offset'
     """
 
     profile: str
@@ -249,6 +268,7 @@ class Setting:
     interaction: float
     seed: int
     sweep: bool = False
+    shift: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("profile", self.profile, tuple(PROFILES))
@@ -258,11 +278,14 @@ class Setting:
             raise ParameterError(f"parameter 'interaction': expected a number >= 0, got {self.interaction!r}")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
             raise ParameterError(f"parameter 'seed': expected an integer >= 0, got {self.seed!r}")
+        if self.shift is not None:
+            check_choice("shift", self.shift, SHIFTS)
 
     @property
     def label(self) -> str:
         return (f"{self.profile}/{'sweep/' if self.sweep else ''}share-{_num(self.image_share)}"
-                f"_interaction-{_num(self.interaction)}_seed-{int(self.seed)}")
+                f"_interaction-{_num(self.interaction)}_seed-{int(self.seed)}"
+                + ("" if self.shift is None else f"_shift-{self.shift.replace('_', '-')}"))
 
     @classmethod
     def from_label(cls, label: str) -> Setting:
@@ -273,11 +296,14 @@ class Setting:
                 raise ValueError(label)
             profile, rest = folders[0], folders[-1]
             parts = dict(part.split("-", 1) for part in rest.split("_"))
+            if set(parts) - {"share", "interaction", "seed", "shift"}:
+                raise ValueError(label)
             return cls(profile, float(parts["share"]), float(parts["interaction"]), int(parts["seed"]),
-                       sweep=len(folders) == 3)
+                       sweep=len(folders) == 3,
+                       shift=parts["shift"].replace("-", "_") if "shift" in parts else None)
         except (ValueError, KeyError):
             raise ParameterError(f"{label!r} is not a twin setting label; expected "
-                                 f"<profile>[/sweep]/share-<s>_interaction-<k>_seed-<n>") from None
+                                 f"<profile>[/sweep]/share-<s>_interaction-<k>_seed-<n>[_shift-<shift>]") from None
 
 
 # ----------------------------------------------------------------------------- lookups

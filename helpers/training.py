@@ -561,3 +561,60 @@ def train_run(spec: RunSpec, *, progress: bool = False) -> RunResult:
     write_run(spec.output_dir, result=result, predictions=predictions, metrics=metrics, params=params)
     return RunResult(spec=spec, fit=result, splits=splits, missing=missing, predictions=predictions, scores=scores,
                      alignment=alignment, tokens=tokens, output_dir=Path(spec.output_dir))
+
+
+def rescore_run(result: RunResult, *, cohort_path: Path, image_embeddings: Path | None,
+                ehr_embeddings: Path | None, output_dir: Path, splits: tuple[str, ...] = ("external",)) -> RunResult:
+    """Score the model ``result`` trained on other data: the cohort ``cohort_path``'s studies of
+    ``splits`` with the embedding tables given, written as a run into ``output_dir``
+    (``helpers.runs`` format: its predictions hold those splits only; ``params.json`` names
+    the run the model was trained in, ``trained_in``). The Cox baseline hazard stays the
+    training run's. The mechanism study scores the models of one twin setting on the external
+    site under each site shift this way (``helpers.mechanism``)."""
+    from helpers import cohort as hc
+    from helpers.embeddings import read_embeddings
+    from helpers.manifest import sha256_path
+    from helpers.tasks import get_strategy, get_task
+
+    spec, config = result.spec, result.fit.config
+    strategy = get_strategy(spec.fusion)
+    cohort = hc.read_cohort(cohort_path)
+    needs_tokens = strategy.tokens and config.image_tokens == "slices"
+    if strategy.uses_image and image_embeddings is None:
+        raise ValueError(f"parameter 'image_embeddings': run {spec.fusion} uses the image; give its table")
+    if strategy.uses_ehr and ehr_embeddings is None:
+        raise ValueError(f"parameter 'ehr_embeddings': run {spec.fusion} uses the EHR; give its table")
+    img_table = read_embeddings(image_embeddings, tokens=needs_tokens) if strategy.uses_image else None
+    ehr_table = read_embeddings(ehr_embeddings, tokens=False) if strategy.uses_ehr else None
+    for path, new, old in ((image_embeddings, img_table, result.splits["train"][1].img),
+                           (ehr_embeddings, ehr_table, result.splits["train"][1].ehr)):
+        if new is not None and new.embedding.shape[1] != old.shape[1]:
+            raise ValueError(f"{path}: embeddings of width {new.embedding.shape[1]}; the model was trained on "
+                             f"width {old.shape[1]}")
+    new = split_arrays(cohort, img_table, ehr_table, image_tokens=needs_tokens, splits=splits)
+    if not new:
+        raise ValueError(f"{cohort_path}: no study in split(s) {', '.join(splits)}")
+    predictions, scores = make_predictions(result.fit.model, {"train": result.splits["train"], **new},
+                                           get_task(spec.task).horizon_days)
+    predictions = predictions[predictions["split"] != "train"].reset_index(drop=True)
+    scores.pop("train")
+    metrics = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+               "loss": config.loss, "tokens": result.tokens, "best_epoch": result.fit.best_epoch,
+               "epochs": len(result.fit.history), "train_seconds": 0.0, "splits": scores,
+               "missing": missing_counts(new), "alignment": None, "trained_in": str(result.output_dir)}
+    inputs = [cohort_path] + ([image_embeddings] if strategy.uses_image else []) \
+        + ([ehr_embeddings] if strategy.uses_ehr else [])
+    params = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+              "loss": config.loss, "tokens": result.tokens, "options": spec.options, "cohort_path": str(cohort_path),
+              "image_embeddings": str(image_embeddings) if strategy.uses_image else None,
+              "ehr_embeddings": str(ehr_embeddings) if strategy.uses_ehr else None,
+              "image_encoder": img_table.metadata if img_table else None,
+              "ehr_encoder": ehr_table.metadata if ehr_table else None,
+              "horizon_days": get_task(spec.task).horizon_days, "trained_in": str(result.output_dir),
+              "inputs_sha256": {str(p): sha256_path(p) for p in inputs}}
+    write_run(output_dir, result=result.fit, predictions=predictions, metrics=metrics, params=params)
+    return RunResult(spec=spec, fit=result.fit, splits=new, missing=metrics["missing"], predictions=predictions,
+                     scores=scores, alignment={}, tokens=result.tokens, output_dir=Path(output_dir))
+
+
+__all__ += ["rescore_run"]

@@ -34,7 +34,8 @@ def _manifest(folder: Path):
 def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp_path):
     manifest = _manifest(tmp_path)
     spec = mech.MechanismSpec(manifest=manifest, task="mace", twin_seed=5, profile="tiny", shares=(0.0, 1.0),
-                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20, l2_grid=(1e-4, 1e-2))
+                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20, l2_grid=(1e-4, 1e-2),
+                              shifts=("none", "noise", "lab_units"), shift_studies=30)
     result = mech.run_mechanism(spec)
     grid = mech.settings(spec)
     assert [g.label for g in grid] == ["tiny/sweep/share-0_interaction-0.75_seed-5",
@@ -70,6 +71,33 @@ def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp
             params = json.loads((root / "runs" / "mace" / ehr_repr / fusion / "seed-0" / "params.json").read_text())
             assert params["options"]["l2"] == pick["l2"].iloc[0]
     assert not (first / "runs" / "mace").joinpath("tuning").exists()  # tuning runs are kept apart
+    # the site shifts: the tuning setting's models scored on the external site under each shift,
+    # the patients and outcomes the same, the internal site unchanged
+    shifts = result.shifts
+    assert shifts.equals(pd.read_csv(mech.shift_path(manifest.output_dir, "tiny", "mace", 5)))
+    assert list(dict.fromkeys(shifts["shift"])) == ["none", "noise", "lab_units"]
+    assert set(shifts["strategy"]) == {"image_only", "ehr_only", "oracle"}
+    assert shifts["n"].nunique() == 1 and shifts["n"].iloc[0] >= 25 and shifts["events"].nunique() == 1
+    oracle = shifts[shifts["strategy"] == "oracle"]
+    assert oracle["c_index"].nunique() == 1 and (oracle["change"] == 0).all()  # the truth does not move
+    # the EHR is the same under noise, the image under lab units: exactly no change there
+    change = shifts.set_index(["shift", "strategy"])["change"]
+    assert change[("noise", "ehr_only")] == 0.0 and change[("lab_units", "image_only")] == 0.0
+    none_c = shifts[shifts["shift"] == "none"].set_index("strategy")["c_index"]
+    for row in shifts[(shifts["shift"] != "none") & (shifts["strategy"] != "oracle")].itertuples():
+        assert abs(row.c_index - none_c[row.strategy] - row.change) < 1e-9 and row.change_lower <= row.change <= row.change_upper
+    labels = {s.shift: manifest.output_dir / s.label for s in mech.shift_settings(spec)}
+    assert labels["noise"].name == "share-0_interaction-0.75_seed-5_shift-noise"
+    # noise renders its own external volumes; lab units links those of none, and its image table
+    ext = "twin/mace/images/site_b"
+    assert not (labels["noise"] / ext).is_symlink() and (labels["lab_units"] / ext).is_symlink()
+    assert (labels["lab_units"] / ext).resolve() == (labels["none"] / ext).resolve()
+    assert os.path.samefile(labels["lab_units"] / table, labels["none"] / table)
+    assert (labels["noise"] / "twin/mace/images/site_a").resolve() == (first / "twin/mace/images/site_a").resolve()
+    params = json.loads((labels["noise"] / "runs/mace/none/image_only/seed-0/params.json").read_text())
+    assert params["trained_in"] == str(first / "runs/mace/none/image_only/seed-0")
+    scored = pd.read_csv(labels["noise"] / "comparisons" / "mace" / "cindex.csv")
+    assert set(scored["cohort"]) == {"External"}
 
 
 def test_the_tuning_setting_is_the_middle_share_at_the_default_interaction():
@@ -88,6 +116,12 @@ def test_the_spec_refuses_what_the_study_cannot_run(tmp_path):
         mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, fusions=("image_only", "late"))
     with pytest.raises(ValueError, match="parameter 'profile': unknown value 'huge'"):
         mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, profile="huge")
+    with pytest.raises(ValueError, match="the first must be 'none'"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, shifts=("noise", "none"))
+    with pytest.raises(ValueError, match="parameter 'shifts': unknown value 'contrast'"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, shifts=("none", "contrast"))
+    with pytest.raises(ValueError, match="parameter 'shift_studies': expected an integer >= 20"):
+        mech.MechanismSpec(manifest=manifest, task="pe", twin_seed=1, shift_studies=5)
 
 
 def _results(attention_gain: float, interaction_gain: float) -> pd.DataFrame:

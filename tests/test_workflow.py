@@ -145,7 +145,7 @@ def test_no_identifier_date_or_build_path_reaches_the_book(study):
     html = "\n".join(p.read_text(errors="replace")
                      for p in (study["folder"] / "book" / "_build" / "html").rglob("*.html"))
     twins = sorted((study["folder"] / "outputs").rglob("twin.json"))
-    assert len(twins) == 1 + 4, "the study's twin and the four settings of the mechanism study's"
+    assert len(twins) == 1 + 4 + 3, "the study's twin, the mechanism study's four settings and its three site shifts"
     for root in {t.parent.parent for t in twins}:
         index = pd.read_parquet(root / "pe" / "imaging_index.parquet")
         person = pd.read_parquet(root / "pe" / "omop" / "person.parquet")

@@ -62,6 +62,13 @@ sd; calcified plaques on the heart's surface grow in number and size with corona
 the RV, the pulmonary arteries and the heart widen with RV strain, PA dilation and cardiac
 dysfunction. The masks mark exactly the voxels rendered as embolus or calcium.
 
+The external site differs from the internal one in its patients (``factors._SPECS``: older,
+sicker) and in its site: a scanner with a 20 HU offset, twice the noise and 3 mm slices, and
+sparser records (shorter history, fewer visits, lower coding sensitivity, fewer labs) with
+labs in other units. ``SITE_SHIFTS`` names these traits in groups, and ``generate(...,
+site_shift=...)`` gives the external site one group only (or ``none``), the patients and
+outcomes unchanged: the mechanism study's shift settings.
+
 A few studies (about 0.5 %) carry planted defects a cohort builder must exclude: zero
 follow-up after the index, or a death recorded before the index CT. They are listed in
 ``ground_truth/factors.parquet`` (column ``defect``) and counted in ``twin.json``.
@@ -93,7 +100,7 @@ from helpers.twin.factors import (
     factor_effects,
     information_balance,
 )
-from helpers.twin.records import INSTITUTIONS, OMOP_TABLE_NAMES
+from helpers.twin.records import INSTITUTIONS, OMOP_TABLE_NAMES, SITE_SHIFTS
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -103,6 +110,7 @@ __all__ = [
     "PARTS",
     "VISIBILITY",
     "OMOP_TABLE_NAMES",
+    "SITE_SHIFTS",
     "factor_effects",
     "generate",
     "information_balance",

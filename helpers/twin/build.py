@@ -36,12 +36,13 @@ from helpers.twin.outcomes import (
 )
 from helpers.twin.phantom import _image_path, _render_and_write
 from helpers.twin.records import (
-    _SITES,
     INSTITUTIONS,
+    SITE_SHIFTS,
     _build_ehr,
     _i64,
     _omop_tables,
     _person_ids,
+    _site,
     _study_ids,
     _ts,
 )
@@ -61,12 +62,14 @@ def _image_jobs(
     seed: int,
     root: Path,
     parts: list[tuple[str, _Cohort, dict[str, Any], list[str]]],
+    shift: str = "all",
+    institutions: tuple[str, ...] = tuple(INSTITUTIONS),
 ) -> list[dict[str, Any]]:
     spec = _SPECS[task]
     jobs = []
     k = 0
     for inst, c, ehr, study_ids in parts:
-        site = _SITES[inst]
+        site = _site(inst, shift)
         name, _, fmt = INSTITUTIONS[inst]
         rng = np.random.default_rng([seed, task_index, 0 if inst == "internal" else 1, 3])
         body = np.clip(1.0 + 0.08 * rng.standard_normal(c.n_patients), 0.8, 1.25)
@@ -75,6 +78,9 @@ def _image_jobs(
         # pleural effusion: heart failure, or an unrelated cause (never an EHR-only factor)
         other = (rng.random(len(c.study_patient)) < 0.12) * rng.random(len(c.study_patient))
         effusion = np.clip(0.07 * (f["cardiac_dysfunction"] - 0.8) + 0.12 * other, 0.0, 0.35)
+        if inst not in institutions:
+            k += len(c.study_patient)  # each study keeps its index (and so its noise stream)
+            continue
         for s in range(len(c.study_patient)):
             p = c.study_patient[s]
             sid = study_ids[s]
@@ -184,9 +190,10 @@ def generate(
     tasks: tuple[str, ...] | list[str] = ("pe", "mace"),
     n_override: dict[str, int] | None = None,
     progress: bool = False,
-    images: bool = True,
+    images: bool | tuple[str, ...] = True,
     workers: int | None = None,
     interaction: float = DEFAULT_INTERACTION,
+    site_shift: str = "all",
 ) -> dict[str, Any]:
     """Write the digital twin under ``out_dir/<task>/`` and return its summary.
 
@@ -206,7 +213,12 @@ def generate(
     default ``helpers.tasks.DEFAULT_INTERACTION``, ``data.synthetic.interaction`` in the
     manifest): the interaction's weight; 0 removes it (the negative control). ``images=False``
     writes everything but the volumes and masks (the imaging index then points at files that
-    do not exist). ``workers``: processes rendering volumes (default: up to 2); results do not
+    do not exist); a tuple of institution keys (``("external",)``) renders only theirs.
+    ``site_shift`` (a key of ``helpers.twin.records.SITE_SHIFTS``; default ``"all"``, the
+    external site as it is): which of the external site's traits (its scanner's HU offset,
+    noise, slice thickness; its record keeping's completeness; its lab units) it keeps, the
+    rest being the internal site's. The patients, their factors and outcomes and the internal
+    site do not depend on it. ``workers``: processes rendering volumes (default: up to 2); results do not
     depend on it.
 
     Each task is written to ``out_dir/<task>.tmp`` and renamed at the end, replacing an older
@@ -224,6 +236,15 @@ def generate(
     if not 0.0 <= image_share <= 1.0:
         raise ValueError(f"generate: image_share must be in [0, 1], got {image_share}")
     interaction = _check_interaction(interaction, "generate")
+    if site_shift not in SITE_SHIFTS:
+        raise ValueError(f"generate: site_shift must be one of {', '.join(SITE_SHIFTS)}, got {site_shift!r}")
+    if isinstance(images, bool):
+        rendered = tuple(INSTITUTIONS) if images else ()
+    else:
+        rendered = tuple(images)
+        if not set(rendered) <= set(INSTITUTIONS):
+            raise ValueError(f"generate: images must be True, False or some of {', '.join(INSTITUTIONS)}, "
+                             f"got {images!r}")
     tasks = tuple(tasks)
     for t in tasks:
         if t not in TASKS:
@@ -247,9 +268,10 @@ def generate(
             interaction,
             profile,
             sizes[t],
-            images,
+            rendered,
             n_workers,
             progress,
+            site_shift,
         )
     summary["wall_time_s"] = round(time.perf_counter() - t_all, 3)
     return summary
@@ -264,9 +286,10 @@ def _generate_task(
     interaction: float,
     profile: str,
     sizes: dict[str, int],
-    images: bool,
+    images: tuple[str, ...],
     workers: int,
     progress: bool,
+    shift: str = "all",
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     spec = _SPECS[task]
@@ -285,11 +308,11 @@ def _generate_task(
         c = _simulate_cohort(
             task, task_index, inst, sizes[inst], seed, image_share, std, interaction, targets[inst]
         )
-        ehr = _build_ehr(task, inst, c, seed, task_index)
+        ehr = _build_ehr(task, inst, c, seed, task_index, shift)
         parts.append((inst, c, ehr, _study_ids(task, inst, len(c.study_patient))))
     t_sim = time.perf_counter() - t0
 
-    tables = _omop_tables(task, [(i, c, e) for i, c, e, _ in parts])
+    tables = _omop_tables(task, [(i, c, e) for i, c, e, _ in parts], shift)
     for name, table in tables.items():
         pq.write_table(table, tmp / "omop" / f"{name}.parquet")
 
@@ -366,15 +389,16 @@ def _generate_task(
 
     t_img = time.perf_counter()
     if images:
-        for inst in INSTITUTIONS:
+        for inst in images:
             (tmp / "images" / INSTITUTIONS[inst][0]).mkdir(parents=True)
-        jobs = _image_jobs(task, task_index, seed, tmp, parts)
+        jobs = _image_jobs(task, task_index, seed, tmp, parts, shift, images)
         res = _run_jobs(jobs, workers, progress, f"{task} CT")
+        by_index = {job["study_index"]: job for job in jobs}
         pq.write_table(
             pa.table(
                 {
                     "study_id": pa.array(
-                        [jobs[i]["study_id"] for i, _, _ in res], type=pa.string()
+                        [by_index[i]["study_id"] for i, _, _ in res], type=pa.string()
                     ),
                     "embolus_voxels": _i64([r[1] for r in res]),
                     "calcification_voxels": _i64([r[2] for r in res]),
@@ -394,7 +418,8 @@ def _generate_task(
             "interaction": interaction,
             "min_event_rate": min_event_rate,
             "sizes": sizes,
-            "images": images,
+            "images": len(images) == len(INSTITUTIONS) or (list(images) if images else False),
+            "site_shift": shift,
         },
         "counts": counts,
         "event_rates": rates,

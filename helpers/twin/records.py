@@ -11,7 +11,7 @@ written into a table: the records show them only through codes, drugs and values
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,11 +19,11 @@ import pyarrow as pa
 from scipy.special import ndtri
 
 from helpers import vocabulary as voc
-from helpers.tasks import TASKS
+from helpers.tasks import SHIFTS, TASKS
 from helpers.twin.factors import _relu
 from helpers.twin.outcomes import _DAY, _Cohort, _group_ids
 
-__all__ = ["INSTITUTIONS", "OMOP_TABLE_NAMES"]
+__all__ = ["INSTITUTIONS", "OMOP_TABLE_NAMES", "SITE_SHIFTS"]
 
 # institution key -> (site name, care_site_id, image format)
 INSTITUTIONS: dict[str, tuple[str, int, str]] = {
@@ -100,6 +100,40 @@ _SITES: dict[str, _Site] = {
 }
 
 
+# Which of the external site's traits a site shift takes over from it; every other trait is
+# the internal site's. ``none``: the external population (its own patients, with the case-mix
+# of ``helpers.twin.factors._SPECS``) recorded and scanned as at the internal site; ``all``:
+# the external site as it is (the study's default). The single shifts separate what the
+# external site changes, so that the mechanism study can show which shift hurts which
+# strategy. Follow-up visits belong to record keeping but never change a recorded outcome
+# (deaths and outcome codes are written whatever the site).
+SITE_SHIFTS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "hu_offset": ("hu_offset",),
+    "noise": ("noise_sd",),
+    "slice_thickness": ("slice_mm", "n_slices", "pixel_mm"),
+    "ehr_completeness": ("history_years", "visits_per_year", "min_history_visits", "code_sensitivity",
+                         "false_code_rate", "repeat_codes", "drug_adherence", "vitals_prob", "labs_prob",
+                         "followup_visits_per_year"),
+    "lab_units": ("alt_units",),
+    "all": tuple(f for f in _Site.__dataclass_fields__),
+}
+
+
+assert tuple(SITE_SHIFTS) == SHIFTS, "helpers.tasks.SHIFTS names the site shifts"
+
+
+def _site(inst: str, shift: str = "all") -> _Site:
+    """Institution ``inst``'s site under ``shift`` (a key of ``SITE_SHIFTS``): the internal
+    site is always itself; the external one takes only the shift's traits from its own."""
+    if shift not in SITE_SHIFTS:
+        raise ValueError(f"site shift must be one of {', '.join(SITE_SHIFTS)}, got {shift!r}")
+    if inst == "internal" or shift == "all":
+        return _SITES[inst]
+    own = _SITES[inst]
+    return replace(_SITES["internal"], **{f: getattr(own, f) for f in SITE_SHIFTS[shift]})
+
+
 # ---------------------------------------------------------------- EHR records
 
 
@@ -149,10 +183,11 @@ def _atherosclerosis(pf: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def _build_ehr(
-    task: str, inst: str, c: _Cohort, seed: int, task_index: int
+    task: str, inst: str, c: _Cohort, seed: int, task_index: int, shift: str = "all"
 ) -> dict[str, dict[str, np.ndarray]]:
-    """All OMOP rows of one institution, with local visit indices (ids assigned later)."""
-    site = _SITES[inst]
+    """All OMOP rows of one institution, with local visit indices (ids assigned later);
+    ``shift``: the site shift (``SITE_SHIFTS``)."""
+    site = _site(inst, shift)
     site_index = 0 if inst == "internal" else 1
     rng = np.random.default_rng([seed, task_index, site_index, 2])
     n_pat = c.n_patients
@@ -599,9 +634,10 @@ def _round_sig(x: np.ndarray, digits: int = 3) -> np.ndarray:
 
 
 def _omop_tables(
-    task: str, parts: list[tuple[str, _Cohort, dict[str, Any]]]
+    task: str, parts: list[tuple[str, _Cohort, dict[str, Any]]], shift: str = "all"
 ) -> dict[str, pa.Table]:
-    """Concatenate institutions and assign ids. ``parts``: (institution, cohort, ehr)."""
+    """Concatenate institutions and assign ids. ``parts``: (institution, cohort, ehr);
+    ``shift``: the site shift (``SITE_SHIFTS``)."""
     lab_names = list(voc.LABS)
     lab_concept = {name: voc.concepts_in_group(name)[0] for name in lab_names}
     cols: dict[str, dict[str, list[Any]]] = {t: {} for t in OMOP_TABLE_NAMES if t != "concept"}
@@ -613,7 +649,7 @@ def _omop_tables(
     visit_offset = 0
     for inst, c, ehr in parts:
         _, care_site, _ = INSTITUTIONS[inst]
-        site = _SITES[inst]
+        site = _site(inst, shift)
         person_ids = _person_ids(inst, c.n_patients)
         first = np.flatnonzero(c.study_rank == 0)
         age = c.factors["age"][first]
