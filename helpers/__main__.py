@@ -16,7 +16,25 @@ __all__ = ["main"]
 def _manifest_check(args: argparse.Namespace) -> int:
     from helpers.manifest import load, summary
 
-    print(summary(load(args.path)))
+    manifest = load(args.path)
+    print(summary(manifest))
+    if manifest.data.source == "omop":
+        # open what the study will read: every OMOP table (cast to the CDM types) and imaging index
+        from helpers.cohort import read_imaging_index
+        from helpers.omop import connect, describe, source_label
+
+        omop = manifest.data.omop
+        con = connect(omop.tables)
+        print(f"OMOP CDM source {source_label(omop.tables)}:")
+        for row in describe(con):
+            absent = row["absent_cdm_columns"]
+            print(f"  {row['table']}: {row['rows']:,} rows, {row['columns']} columns"
+                  + (f" (without optional {', '.join(absent)})" if absent else ""))
+        con.close()
+        for task, src in omop.imaging.items():
+            index = read_imaging_index(src.index)
+            print(f"imaging index of {task}: {len(index):,} studies of {index['person_id'].nunique():,} persons "
+                  f"({src.index})")
     print("manifest OK")
     return 0
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
+from helpers.concepts import matched_sql, resolve
 from helpers.imaging import IMAGING_INDEX_COLUMNS
 from helpers.manifest import Manifest, ManifestError
+from helpers.omop import CohortError, connect
 from helpers.tasks import Task, get_task
-from helpers.vocabulary import OMOP_TABLES, concepts_in_group
+from helpers.vocabulary import OMOP_TABLES
 
 __all__ = [
     "OMOP_TABLES",
@@ -50,10 +51,6 @@ SPLITS = ("train", "val", "test", "external")
 SAME_DAY_EVENT_TIME = 0.5
 
 
-class CohortError(ValueError):
-    """An input table of the cohort is missing, or lacks a column, or has bad values."""
-
-
 @dataclass(frozen=True)
 class CohortResult:
     """``cohort``: the cohort table; ``exclusions``: one row per excluded study with
@@ -74,72 +71,12 @@ class CohortResult:
         )
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _lower_view(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str,
-                names: list[str] | None = None) -> None:
-    """``CREATE VIEW <table>`` over ``source`` with every column named in lower case (exports
-    spell them ``PERSON_ID`` or ``condition_start_DATETIME`` too; the study's queries and the
-    frames they return use the CDM's lower-case names). Two columns that differ only in case
-    are an error naming ``where`` and both; ``names``: the source's own column names where
-    DuckDB would rename such a pair on read (parquet)."""
-    columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
-    seen: dict[str, str] = {}
-    for column in names or []:
-        if column.lower() in seen:
-            raise CohortError(f"{where}: table {table!r} has columns {seen[column.lower()]!r} and {column!r}, "
-                              f"which differ only in case")
-        seen[column.lower()] = column
-    seen = {}
-    for column in columns:
-        if column.lower() in seen:
-            raise CohortError(f"{where}: table {table!r} has columns {seen[column.lower()]!r} and {column!r}, "
-                              f"which differ only in case")
-        seen[column.lower()] = column
-    select = ", ".join(f"{_quoted(c)} AS {_quoted(c.lower())}" for c in columns)
-    con.execute(f"CREATE VIEW {table} AS SELECT {select} FROM {source}")
-
-
-def connect_omop(tables: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per OMOP table, its columns named in lower
-    case whatever case the source uses.
-
-    ``tables`` is a folder of ``<table>.parquet`` files or a DuckDB database file holding the
-    tables (table names in any case). Raises ``CohortError`` naming the missing tables.
-    """
-    tables = Path(tables)
-    if tables.is_dir():
-        missing = [t for t in OMOP_TABLES if not (tables / f"{t}.parquet").is_file()]
-        if missing:
-            raise CohortError(
-                f"{tables}: OMOP table file(s) missing: {', '.join(f'{t}.parquet' for t in missing)}"
-            )
-        con = duckdb.connect()
-        for table in OMOP_TABLES:
-            path = (tables / f"{table}.parquet").as_posix().replace("'", "''")
-            _lower_view(con, table, f"read_parquet('{path}')", str(tables / f"{table}.parquet"),
-                        names=pq.read_schema(tables / f"{table}.parquet").names)
-        return con
-    if tables.is_file():
-        con = duckdb.connect()
-        path = tables.as_posix().replace("'", "''")
-        try:
-            con.execute(f"ATTACH '{path}' AS omop_source (READ_ONLY)")
-        except duckdb.Error as err:
-            con.close()
-            raise CohortError(f"{tables}: not a DuckDB database ({err})") from None
-        present = {row[0].lower(): row[0] for row in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'omop_source'").fetchall()}
-        missing = [t for t in OMOP_TABLES if t not in present]
-        if missing:
-            con.close()
-            raise CohortError(f"{tables}: OMOP table(s) missing from the database: {', '.join(missing)}")
-        for table in OMOP_TABLES:
-            _lower_view(con, table, f"omop_source.{_quoted(present[table])}", str(tables))
-        return con
-    raise CohortError(f"{tables}: no such folder or DuckDB file")
+def connect_omop(tables: str | Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per OMOP table of ``tables`` (a folder of
+    parquet, CSV or TSV files, a DuckDB file or a ``postgresql://`` URL), its columns in lower
+    case and cast to the CDM types (``helpers.omop.connect``). Raises ``CohortError``
+    (``helpers.omop.OmopSourceError``) naming what is missing or unreadable."""
+    return connect(tables)
 
 
 def read_imaging_index(path: Path) -> pd.DataFrame:
@@ -188,30 +125,32 @@ def imaging_source(manifest: Manifest, task: str) -> tuple[Path, Path, Path]:
     return omop.tables, src.index, src.root
 
 
-def _codes_sql(groups: tuple[str, ...]) -> str:
-    pairs = [
-        f"('{c.vocabulary_id}', '{c.concept_code}')" for g in groups for c in concepts_in_group(g)
-    ]
-    return ", ".join(pairs)
-
-
 def _outcomes(con: duckdb.DuckDBPyConnection, studies: pd.DataFrame, task: Task) -> pd.DataFrame:
     """Per study: follow-up end, death date, first post-index outcome date, earliest death."""
     con.register("_studies", studies[["study_id", "person_key", "index_date"]])
-    outcome_sql = "NULL::DATE"
+    outcome_sql, outcomes = "NULL::DATE", ""
     if task.outcome_groups:
-        outcome_sql = f"""(
-            SELECT min(co.condition_start_date) FROM condition_occurrence co
-            JOIN concept c ON c.concept_id = co.condition_concept_id
-            WHERE co.person_id = s.person_key
-              AND co.condition_start_date >= s.index_date
-              AND (c.vocabulary_id, c.concept_code) IN ({_codes_sql(task.outcome_groups)})
+        # the task's outcome concept sets (helpers.concepts): standard concepts and descendants,
+        # else the ICD-10-CM source codes
+        resolve(con, task.outcome_groups)
+        columns = {row[0] for row in con.execute("DESCRIBE condition_occurrence").fetchall()}
+        day = "condition_start_date" if "condition_start_datetime" not in columns else \
+            "coalesce(condition_start_date, CAST(condition_start_datetime AS DATE))"
+        outcomes = f"""WITH outcome AS (
+            SELECT person_id, {day} AS day
+            FROM ({matched_sql(con, "Condition", alias="co")})
+            WHERE grp IN ({", ".join(f"'{g}'" for g in task.outcome_groups)}))"""
+        outcome_sql = """(
+            SELECT min(o.day) FROM outcome o
+            WHERE o.person_id = s.person_key AND o.day >= s.index_date
         )"""
     query = f"""
+        {outcomes}
         SELECT s.study_id,
             (SELECT max(op.observation_period_end_date) FROM observation_period op
               WHERE op.person_id = s.person_key
-                AND op.observation_period_start_date <= s.index_date) AS followup_end,
+                AND op.observation_period_start_date <= s.index_date
+                AND op.observation_period_end_date >= s.index_date) AS followup_end,
             (SELECT min(d.death_date) FROM death d WHERE d.person_id = s.person_key) AS death_date,
             {outcome_sql} AS outcome_date,
             EXISTS (SELECT 1 FROM person p WHERE p.person_id = s.person_key) AS in_person
@@ -372,6 +311,7 @@ def cohort_paths(manifest: Manifest, task: str) -> dict[str, Path]:
         "imaging": folder / f"{task}_imaging.parquet",
         "exclusions": folder / f"{task}_exclusions.parquet",
         "summary": folder / f"{task}_summary.json",
+        "concept_sets": folder / f"{task}_concept_sets.csv",
     }
 
 
@@ -479,13 +419,16 @@ MEDS_KINDS = ("clmbr_mini", "clmbr")
 @dataclass
 class CohortBuild:
     """What ``make_cohort`` made: the cohort (with exclusions), the summary it wrote (counts
-    only), the rows of every OMOP table, the written paths and the MEDS folder (or None)."""
+    only), the rows of every OMOP table, the written paths, the MEDS folder (or None) and
+    the concept-set report (``helpers.concepts.report``: what the outcome's and the one-hot
+    features' concept sets matched in the source, by route)."""
 
     result: CohortResult
     summary: dict
     table_rows: dict[str, int]
     paths: dict[str, Path]
     meds: Path | None
+    concept_sets: pd.DataFrame | None = None
 
 
 def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> CohortBuild:
@@ -504,12 +447,14 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
     try:
         rows = {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in OMOP_TABLES}
         built = build_cohort(con, index, task, imaging_root=imaging_root)
+        sets = concept_set_report(con, task)
         sp = manifest.splits
         cohort = assign_splits(built.cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
                                external_institutions=sp.external_institutions, seed=sp.seed)
         result = CohortResult(cohort=cohort, exclusions=built.exclusions)
         paths = cohort_paths(manifest, task)
         summary = write_cohort(result, index, imaging_root, paths)
+        sets.to_csv(paths["concept_sets"], index=False)
         if meds is None:
             meds = any(spec.kind in MEDS_KINDS for spec in manifest.encoders.ehr.values())
         folder = None
@@ -521,7 +466,24 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
                        dataset_name=f"{task} ({manifest.data.source})")
     finally:
         con.close()
-    return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder)
+    return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder, concept_sets=sets)
 
 
-__all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort"]
+def concept_set_report(con: duckdb.DuckDBPyConnection, task: str) -> pd.DataFrame:
+    """``helpers.concepts.report`` for the concept sets ``task`` reads: its outcome's (MACE:
+    myocardial infarction, stroke, heart failure) and its one-hot features' (``helpers.ehr``),
+    with ``use``: what each set is for."""
+    from helpers.concepts import report
+    from helpers.ehr import FEATURES
+
+    spec = get_task(task)
+    uses: dict[str, list[str]] = {g: ["outcome"] for g in spec.outcome_groups}
+    for feature in FEATURES[task]:
+        if feature.group:
+            uses.setdefault(feature.group, []).append(feature.name)
+    table = report(con, list(uses))
+    table.insert(1, "use", [", ".join(uses[name]) for name in table["concept_set"]])
+    return table
+
+
+__all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort", "concept_set_report"]

@@ -32,8 +32,9 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from helpers.concepts import concept_set, matched_sql, resolve
 from helpers.tasks import get_task
-from helpers.vocabulary import GENDER_MALE, LABS, concepts_in_group
+from helpers.vocabulary import GENDER_MALE, LABS
 
 __all__ = ["Feature", "FEATURES", "features_table", "onehot_features", "OnehotResult"]
 
@@ -132,8 +133,7 @@ def features_table(task: str) -> pd.DataFrame:
         elif f.kind == "sex":
             rule = "gender concept MALE"
         else:
-            codes = ", ".join(c.concept_code for c in concepts_in_group(f.group))
-            rule = f"any {f.kind} of group {f.group} ({concepts_in_group(f.group)[0].vocabulary_id}: {codes})"
+            rule = f"any {f.kind} in concept set {f.group}: {concept_set(f.group).describe()}"
         window = f"{f.lookback_days} days" if f.lookback_days else "at index"
         rows.append({"feature": f.name, "rule": rule, "look-back": window, "rationale": f.why})
     return pd.DataFrame(rows)
@@ -149,11 +149,8 @@ class OnehotResult:
     unusable_measurements: pd.DataFrame
 
 
-def _pairs(groups: list[str]) -> str:
-    return ", ".join(
-        f"('{g}', '{c.vocabulary_id}', '{c.concept_code}')" for g in groups for c in concepts_in_group(g)
-    )
-
+# feature kind -> OMOP domain of its concept sets (helpers.concepts)
+_DOMAIN = {"condition": "Condition", "drug": "Drug", "procedure": "Procedure", "lab": "Measurement"}
 
 # feature kind -> OMOP table, concept column, datetime column, date column
 _RECORDS: dict[str, tuple[str, str, str, str]] = {
@@ -196,20 +193,17 @@ def _timing(con, table: str, dt_col: str, date_col: str, alias: str = "t") -> _T
 def _flags(con, kind: str, features: list[Feature]) -> pd.DataFrame:
     if not features:
         return pd.DataFrame(columns=["study_id", "name"])
-    table, concept_col, dt_col, date_col = _RECORDS[kind]
+    table, _, dt_col, date_col = _RECORDS[kind]
     timing = _timing(con, table, dt_col, date_col)
-    groups = sorted({f.group for f in features})
+    resolve(con, sorted({f.group for f in features}))
     windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
     query = f"""
-        WITH codes(grp, vocabulary_id, concept_code) AS (VALUES {_pairs(groups)}),
-             feats(name, grp, lookback) AS (VALUES {windows}),
-             ids AS (SELECT c.concept_id, codes.grp FROM concept c
-                     JOIN codes USING (vocabulary_id, concept_code))
+        WITH feats(name, grp, lookback) AS (VALUES {windows}),
+             t AS ({matched_sql(con, _DOMAIN[kind])})
         SELECT DISTINCT s.study_id, feats.name
         FROM _studies s
-        JOIN {table} t ON t.person_id = s.person_key
-        JOIN ids ON ids.concept_id = t.{concept_col}
-        JOIN feats ON feats.grp = ids.grp
+        JOIN t ON t.person_id = s.person_key
+        JOIN feats ON feats.grp = t.grp
         WHERE {timing.before}
           AND {timing.day} >= s.index_day - feats.lookback * INTERVAL 1 DAY
     """
@@ -236,33 +230,42 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
     table, _, dt_col, date_col = _RECORDS["lab"]
     timing = _timing(con, table, dt_col, date_col, alias="m")
     groups = sorted({f.group for f in features})
+    resolve(con, groups)
+    columns = {row[0] for row in con.execute("DESCRIBE measurement").fetchall()}
     units = ", ".join(
-        f"('{g}', '{_unit_key(LABS[g].unit)}', 1.0)"
-        + (f", ('{g}', '{_unit_key(LABS[g].alt_unit)}', {LABS[g].alt_factor!r})" if LABS[g].alt_unit else "")
+        f"('{g}', '{LABS[g].unit}', '{_unit_key(LABS[g].unit)}', 1.0)"
+        + (f", ('{g}', '{LABS[g].alt_unit}', '{_unit_key(LABS[g].alt_unit)}', {LABS[g].alt_factor!r})"
+           if LABS[g].alt_unit else "")
         for g in groups
     )
     windows = ", ".join(f"('{f.name}', '{f.group}', {int(f.lookback_days)})" for f in features)
+    unit_concept = "m.unit_concept_id" if "unit_concept_id" in columns else "NULL::BIGINT"
+    unit_text = "m.unit_source_value" if "unit_source_value" in columns else "NULL::VARCHAR"
+    # a lab's unit: its UCUM concept (unit_concept_id), else its text (unit_source_value)
     base = f"""
-        WITH codes(grp, vocabulary_id, concept_code) AS (VALUES {_pairs(groups)}),
-             units(grp, unit, factor) AS (VALUES {units}),
+        WITH declared(grp, ucum, unit_key, factor) AS (VALUES {units}),
+             units AS (SELECT d.grp, d.unit_key, d.factor, c.concept_id AS unit_concept_id FROM declared d
+                       LEFT JOIN concept c ON c.vocabulary_id = 'UCUM' AND c.concept_code = d.ucum),
              feats(name, grp, lookback) AS (VALUES {windows}),
-             ids AS (SELECT c.concept_id, codes.grp FROM concept c JOIN codes USING (vocabulary_id, concept_code)),
+             m AS ({matched_sql(con, "Measurement")}),
              rows AS (
-                SELECT s.study_id, feats.name, ids.grp, {timing.at} AS at, m.measurement_id,
-                       m.value_as_number AS value, m.unit_source_value AS unit,
-                       {_UNIT_KEY_SQL.format("m.unit_source_value")} AS unit_key
+                SELECT s.study_id, feats.name, m.grp, {timing.at} AS at, m.measurement_id,
+                       m.value_as_number AS value, coalesce({unit_text}, CAST({unit_concept} AS VARCHAR)) AS unit,
+                       nullif({unit_concept}, 0) AS unit_concept_id,
+                       {_UNIT_KEY_SQL.format(unit_text)} AS unit_key
                 FROM _studies s
-                JOIN measurement m ON m.person_id = s.person_key
-                JOIN ids ON ids.concept_id = m.measurement_concept_id
-                JOIN feats ON feats.grp = ids.grp
+                JOIN m ON m.person_id = s.person_key
+                JOIN feats ON feats.grp = m.grp
                 WHERE {timing.before}
                   AND {timing.day} >= s.index_day - feats.lookback * INTERVAL 1 DAY)
     """
+    unit_match = ("u.grp = r.grp AND (r.unit_concept_id = u.unit_concept_id "
+                  "OR (r.unit_concept_id IS NULL AND r.unit_key = u.unit_key))")
     values = con.execute(
         base
         + """
         SELECT r.study_id, r.name, arg_max(r.value / u.factor, (r.at, r.measurement_id)) AS value
-        FROM rows r JOIN units u ON u.grp = r.grp AND u.unit = r.unit_key
+        FROM rows r JOIN units u ON """ + unit_match + """
         WHERE r.value IS NOT NULL
         GROUP BY r.study_id, r.name
         """
@@ -271,8 +274,8 @@ def _labs(con, features: list[Feature]) -> tuple[pd.DataFrame, pd.DataFrame]:
         base
         + """
         SELECT r.grp AS lab, coalesce(r.unit, '(none)') AS unit, count(DISTINCT r.measurement_id) AS rows
-        FROM rows r LEFT JOIN units u ON u.grp = r.grp AND u.unit = r.unit_key
-        WHERE u.unit IS NULL OR r.value IS NULL
+        FROM rows r LEFT JOIN units u ON """ + unit_match + """
+        WHERE u.grp IS NULL OR r.value IS NULL
         GROUP BY ALL ORDER BY lab, unit
         """
     ).df()

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from helpers.omop import is_url, source_label
 from helpers.tasks import DEFAULT_INTERACTION, PROFILES, SHIFTS, TASKS, Setting
 
 __all__ = [
@@ -101,9 +102,10 @@ class ImagingSource(_Strict):
 
 
 class OmopSource(_Strict):
-    """A real OMOP CDM v5.4 database: a folder of per-table parquet files, or a DuckDB file."""
+    """A real OMOP CDM v5.4 database (``helpers.omop``): a folder of per-table parquet, CSV or
+    TSV files (``.gz`` too), a DuckDB file, or a ``postgresql://`` URL."""
 
-    tables: Path
+    tables: str | Path
     imaging: dict[str, ImagingSource]
 
     @field_validator("imaging")
@@ -296,7 +298,8 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
             for task, src in omop.imaging.items()
         }
         data = data.model_copy(
-            update={"omop": OmopSource(tables=_resolve(base, omop.tables), imaging=imaging)}
+            update={"omop": OmopSource(tables=omop.tables if is_url(omop.tables) else _resolve(base, Path(omop.tables)),
+                                       imaging=imaging)}
         )
     encoders = {}
     for modality in ("image", "ehr"):
@@ -322,7 +325,7 @@ def _verify(manifest: Manifest) -> None:
     if manifest.data.source == "omop":
         omop = manifest.data.omop
         assert omop is not None
-        if not omop.tables.exists():
+        if not is_url(omop.tables) and not Path(omop.tables).exists():
             missing.append(f"data.omop.tables: {omop.tables} does not exist")
         for task, src in omop.imaging.items():
             if not src.index.is_file():
@@ -421,7 +424,7 @@ def summary(manifest: Manifest) -> str:
         )
     else:
         assert data.omop is not None
-        lines.append(f"data: OMOP CDM at {data.omop.tables}")
+        lines.append(f"data: OMOP CDM at {source_label(data.omop.tables)}")
         for task, src in data.omop.imaging.items():
             lines.append(f"  {task}: imaging index {src.index}, root {src.root}")
     for modality in ("image", "ehr"):

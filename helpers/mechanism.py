@@ -105,7 +105,7 @@ class MechanismSpec:
     options: dict = field(default_factory=dict)
     l2_grid: tuple[float, ...] = L2_GRID
     shifts: tuple[str, ...] = SHIFTS
-    shift_studies: int = 400
+    shift_studies: int = 300
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -239,6 +239,8 @@ def _run_shifts(spec: MechanismSpec, base_manifest: Manifest, base_cohort: pd.Da
                 image_encoder: str) -> tuple[pd.DataFrame, list[dict]]:
     """Score ``models`` (the tuning setting's runs, by strategy) on the external site under
     each shift of ``spec``; returns the paired table (``shift_path``) and the timings."""
+    import numpy as np
+
     from helpers.cohort import make_cohort
     from helpers.compare import oracle_risk, score_runs, table1, write_outputs
     from helpers.embeddings import embedding_path
@@ -248,8 +250,6 @@ def _run_shifts(spec: MechanismSpec, base_manifest: Manifest, base_cohort: pd.Da
     from helpers.training import rescore_run
     from helpers.twin import INSTITUTIONS, generate
     from helpers.twin.records import SITE_SHIFTS
-
-    import numpy as np
 
     task = spec.task
     internal_site, external_site = INSTITUTIONS["internal"][0], INSTITUTIONS["external"][0]

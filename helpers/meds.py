@@ -130,7 +130,9 @@ def omop_to_meds(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     static events), ``code`` (str), ``numeric_value`` (float32, NaN when none) and ``unit``
     (str or None), sorted by subject, time (static first), code. ``attrs["meds_report"]``
     lists per source table the rows read, exported and left out (``unmapped_concept``: concept
-    0, unknown or without vocabulary/code; ``no_time``: neither datetime nor date).
+    0 without a source concept, unknown or without vocabulary/code; ``no_time``: neither
+    datetime nor date). A record whose concept is 0 is exported under its source concept
+    (``*_source_concept_id``) where it has one.
     """
     report = []
     parts = []
@@ -144,11 +146,16 @@ def omop_to_meds(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
         time = _time_expr(cols, dt, date)
         value_sql = f"CAST(t.{value} AS FLOAT)" if value and value in cols else "CAST(NULL AS FLOAT)"
         unit_sql = f"CAST(t.{unit} AS VARCHAR)" if unit and unit in cols else "CAST(NULL AS VARCHAR)"
+        # a record without a standard concept (concept id 0) keeps its source concept, as a
+        # real export leaves an unmapped ICD-10-CM code in *_source_concept_id
+        source_col = concept_col.replace("_concept_id", "_source_concept_id")
+        key = (f"CASE WHEN coalesce(t.{concept_col}, 0) = 0 THEN t.{source_col} ELSE t.{concept_col} END"
+               if source_col in cols else f"t.{concept_col}")
         base = f"""
             SELECT CAST(t.person_id AS BIGINT) AS subject_id, {time} AS time,
                    c.vocabulary_id || '/' || c.concept_code AS code, {mapped} AS mapped,
                    {value_sql} AS numeric_value, {unit_sql} AS unit
-            FROM {table} t LEFT JOIN {concept} c ON c.concept_id = t.{concept_col}
+            FROM {table} t LEFT JOIN {concept} c ON c.concept_id = {key}
         """
         counts = con.execute(
             f"SELECT count(*), count(*) FILTER (WHERE NOT mapped), "

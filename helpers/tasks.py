@@ -206,7 +206,7 @@ class Profile:
     mechanism_shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     mechanism_interactions: tuple[float, ...] = (0.0, 1.0, 2.0)
     mechanism_shifts: tuple[str, ...] = SHIFTS
-    mechanism_shift_studies: int = 400
+    mechanism_shift_studies: int = 300
     short_pretraining: bool = False
     probe_encoders: bool = True
     saliency_fusions: tuple[str, ...] = ("concat", "contrastive", "cross_attention", "coattn_image_guided",

@@ -51,6 +51,7 @@ def world(tmp_path):
     persons = [(p, GENDER_MALE if p % 2 else GENDER_FEMALE, 1950, 6, 15) for p in range(1, 9)]
     periods = [(p, "2010-01-01", "2022-01-01") for p in range(1, 9)]
     periods[3] = (4, "2010-01-01", "2020-06-01")  # follow-up ends on the index day
+    periods[7] = (8, "2010-01-01", "2019-12-31")  # the index is after the last observation period
     deaths = [(2, "2020-09-01"), (3, "2020-06-01"), (5, "2019-01-01")]
     conditions = [
         (6, cid("mi"), "2020-07-01"),            # MACE event after the index
@@ -98,6 +99,7 @@ def test_pe_cohort_times_events_and_exclusions(world):
     assert reasons["s5"] == "death recorded before the index CT"
     assert reasons["s9"] == "image not found on disk"
     assert reasons["s10"] == "person not in the OMOP person table"
+    assert reasons["s8"] == "no observation period containing the index date"
     assert reasons["s1"] == "duplicate study_id in the imaging index"
     assert len(result.cohort) + len(result.exclusions) == len(index)
     assert list(result.cohort.columns) == list(hc.COHORT_COLUMNS)
@@ -170,7 +172,7 @@ def test_splits_are_patient_level_and_sized():
 
 
 def test_bad_inputs_are_named(tmp_path):
-    with pytest.raises(hc.CohortError, match=r"OMOP table file\(s\) missing: person.parquet"):
+    with pytest.raises(hc.CohortError, match=r"OMOP table file\(s\) missing: person, observation_period"):
         hc.connect_omop(tmp_path)
     bad = tmp_path / "index.csv"
     pd.DataFrame({"study_id": ["a"], "person_id": [1]}).to_csv(bad, index=False)

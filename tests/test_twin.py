@@ -287,7 +287,8 @@ def _observed_rates(root: Path, task: str) -> dict[str, float]:
     if spec.outcome_groups:
         ids = {c.concept_id for g in spec.outcome_groups for c in concepts_in_group(g)}
         cond = _table(root, task, "condition_occurrence")
-        cond = cond[cond["condition_concept_id"].isin(ids)].merge(
+        # the ICD-10-CM code each record came from (its condition_concept_id is SNOMED CT)
+        cond = cond[cond["condition_source_concept_id"].isin(ids)].merge(
             index[["person_id", "day"]], on="person_id"
         )
         cond = cond[pd.to_datetime(cond["condition_start_date"]) >= cond["day"]]

@@ -53,7 +53,11 @@ __all__ = ["GENERATOR_VERSION", "generate"]
 # on the event rates, the ``interaction`` parameter. The ``paper`` profile's files are those
 # of 1.2.0.
 # 1.4.0: each mask file also holds the anatomy map (heart, pulmonary arteries) for saliency.
-GENERATOR_VERSION = "1.5.0"
+# 1.6.0: records as a CDM export writes them: conditions as SNOMED CT concepts (ICD-10-CM in
+# condition_source_concept_id; two codes without a standard mapping), drugs as RxNorm clinical
+# drugs, lab units as UCUM concepts; concept_ancestor and concept_relationship written. The
+# external site's shifts (``site_shift``).
+GENERATOR_VERSION = "1.6.0"
 
 
 def _image_jobs(

@@ -32,7 +32,7 @@ INSTITUTIONS: dict[str, tuple[str, int, str]] = {
 }
 
 
-OMOP_TABLE_NAMES: tuple[str, ...] = voc.OMOP_TABLES
+OMOP_TABLE_NAMES: tuple[str, ...] = voc.OMOP_TABLES + voc.VOCABULARY_TABLES
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,14 @@ class _Rows:
 
 
 
-_CODE_BY_ID = {c.concept_id: c.concept_code for c in voc.CONCEPTS}
+_CODE_BY_ID = {c.concept_id: c.concept_code for c in voc.CONCEPTS + voc.STANDARD_CONCEPTS}
+# the concept a record carries in its *_concept_id, by the concept the twin drew (ICD-10-CM ->
+# SNOMED CT or 0, ingredient -> clinical drug; helpers.vocabulary.standard_concept_id)
+_STANDARD_ID = {c.concept_id: voc.standard_concept_id(c) for c in voc.CONCEPTS}
+
+
+def _standard(ids: np.ndarray) -> np.ndarray:
+    return np.array([_STANDARD_ID[int(i)] for i in ids], dtype=np.int64)
 
 
 def _pick_visits(
@@ -640,7 +647,7 @@ def _omop_tables(
     ``shift``: the site shift (``SITE_SHIFTS``)."""
     lab_names = list(voc.LABS)
     lab_concept = {name: voc.concepts_in_group(name)[0] for name in lab_names}
-    cols: dict[str, dict[str, list[Any]]] = {t: {} for t in OMOP_TABLE_NAMES if t != "concept"}
+    cols: dict[str, dict[str, list[Any]]] = {t: {} for t in voc.OMOP_TABLES if t != "concept"}
 
     def put(table: str, **values: Any) -> None:
         for k, v in values.items():
@@ -811,7 +818,7 @@ def _omop_tables(
         {
             "condition_occurrence_id": _i64(np.arange(1, n + 1)),
             "person_id": _i64(cd["person_id"]),
-            "condition_concept_id": _i64(cd["condition_concept_id"]),
+            "condition_concept_id": _i64(_standard(cd["condition_concept_id"])),
             "condition_start_date": _date(cd["condition_start_datetime"]),
             "condition_start_datetime": _ts(cd["condition_start_datetime"]),
             "condition_end_date": pa.array(
@@ -824,6 +831,7 @@ def _omop_tables(
             "condition_source_value": _str(
                 [_CODE_BY_ID[int(i)] for i in cd["condition_concept_id"]]
             ),
+            "condition_source_concept_id": _i64(cd["condition_concept_id"]),
         }
     )
     dr = sort(
@@ -835,7 +843,7 @@ def _omop_tables(
         {
             "drug_exposure_id": _i64(np.arange(1, n + 1)),
             "person_id": _i64(dr["person_id"]),
-            "drug_concept_id": _i64(dr["drug_concept_id"]),
+            "drug_concept_id": _i64(_standard(dr["drug_concept_id"])),
             "drug_exposure_start_date": _date(dr["drug_exposure_start_datetime"]),
             "drug_exposure_start_datetime": _ts(dr["drug_exposure_start_datetime"]),
             "drug_exposure_end_date": _date(
@@ -845,7 +853,8 @@ def _omop_tables(
             "quantity": _f64(dr["days_supply"].astype(np.float64)),
             "days_supply": _i64(dr["days_supply"]),
             "visit_occurrence_id": _i64(dr["visit_occurrence_id"]),
-            "drug_source_value": _str([_CODE_BY_ID[int(i)] for i in dr["drug_concept_id"]]),
+            "drug_source_value": _str([_CODE_BY_ID[_STANDARD_ID[int(i)]] for i in dr["drug_concept_id"]]),
+            "drug_source_concept_id": _i64(np.zeros(n, np.int64)),
         }
     )
     m = sort(
@@ -862,7 +871,7 @@ def _omop_tables(
             "measurement_datetime": _ts(m["measurement_datetime"]),
             "measurement_type_concept_id": _i64(np.full(n, voc.TYPE_EHR)),
             "value_as_number": _f64(m["value_as_number"]),
-            "unit_concept_id": _i64(np.zeros(n, np.int64)),
+            "unit_concept_id": _i64(np.array([voc.UCUM[u] for u in m["unit_source_value"]], dtype=np.int64)),
             "unit_source_value": _str(m["unit_source_value"]),
             "range_low": _f64(m["range_low"]),
             "range_high": _f64(m["range_high"]),
@@ -903,8 +912,9 @@ def _omop_tables(
             "cause_source_value": pa.nulls(n, type=pa.string()),
         }
     )
-    concept = voc.concept_table()
-    tables["concept"] = pa.table({k: pa.array(concept[k].tolist()) for k in concept.columns})
+    for name, frame in (("concept", voc.concept_table()), ("concept_ancestor", voc.concept_ancestor_table()),
+                        ("concept_relationship", voc.concept_relationship_table())):
+        tables[name] = pa.table({k: pa.array(frame[k].tolist()) for k in frame.columns})
     return tables
 
 
