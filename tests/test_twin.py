@@ -982,3 +982,20 @@ def test_twin_command_takes_profiles_and_interaction(tmp_path: Path) -> None:
     info = json.loads((tmp_path / "pe" / "twin.json").read_text())
     assert info["parameters"]["profile"] == "tiny" and info["parameters"]["interaction"] == 0.5
     assert info["parameters"]["sizes"] == PROFILES["tiny"].sizes["pe"]
+
+
+def test_the_external_site_does_not_depend_on_the_internal_sites_size(tmp_path: Path) -> None:
+    """The mechanism study's shift twins hold a token internal site: the external site's
+    patients, outcomes and records must be the same whatever the internal size."""
+    frames = {}
+    for n in (5, 60):
+        twin.generate(tmp_path / str(n), profile="tiny", seed=3, tasks=("mace",), images=False,
+                      n_override={"internal": n, "external": 30}, site_shift="noise")
+        truth = pd.read_parquet(tmp_path / str(n) / "mace" / "ground_truth" / "factors.parquet")
+        conditions = pd.read_parquet(tmp_path / str(n) / "mace" / "omop" / "condition_occurrence.parquet")
+        external = conditions["person_id"] >= 2_000_000
+        frames[n] = (truth[truth["institution"] == "site_b"].reset_index(drop=True),
+                     conditions.loc[external].drop(columns=["condition_occurrence_id", "visit_occurrence_id"])
+                     .reset_index(drop=True))
+    pd.testing.assert_frame_equal(frames[5][0], frames[60][0])
+    pd.testing.assert_frame_equal(frames[5][1], frames[60][1])
