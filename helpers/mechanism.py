@@ -477,18 +477,25 @@ def collect(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...],
     return results.assign(strategy=results["fusion"].where(results["model"] != ORACLE, "oracle"))
 
 
-def collect_tuning(output_dir: str | Path, profile: str, tasks: tuple[str, ...], twin_seeds: tuple[int, ...]) -> pd.DataFrame:
-    """The penalty choices of every task and twin seed (``tuning_path``), one frame; a missing
-    record is an error naming the file."""
+def _read_records(where, what: str, output_dir: str | Path, profile: str, tasks: tuple[str, ...],
+                  twin_seeds: tuple[int, ...]) -> pd.DataFrame:
+    """The CSV ``where(output_dir, profile, task, seed)`` of every task and twin seed, one
+    frame; a missing one is an error naming the file and ``what`` it should hold."""
     frames = []
     for task in tasks:
         for seed in twin_seeds:
-            path = tuning_path(output_dir, profile, task, seed)
+            path = where(output_dir, profile, task, seed)
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no tuning record for task {task!r}, twin seed {seed}; "
+                raise FileNotFoundError(f"{path}: no {what} for task {task!r}, twin seed {seed}; "
                                         f"run the mechanism study (notebooks/06_mechanism.ipynb) first")
             frames.append(pd.read_csv(path))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def collect_tuning(output_dir: str | Path, profile: str, tasks: tuple[str, ...], twin_seeds: tuple[int, ...]) -> pd.DataFrame:
+    """The penalty choices of every task and twin seed (``tuning_path``), one frame; a missing
+    record is an error naming the file."""
+    return _read_records(tuning_path, "tuning record", output_dir, profile, tasks, twin_seeds)
 
 
 def balance(output_dir: str | Path, grid: list[Setting], tasks: tuple[str, ...]) -> pd.DataFrame:
@@ -682,15 +689,7 @@ SHIFT_LABELS: dict[str, str] = {
 def collect_shifts(output_dir: str | Path, profile: str, tasks: tuple[str, ...], twin_seeds: tuple[int, ...]) -> pd.DataFrame:
     """The site-shift tables of every task and twin seed (``shift_path``), one frame; a
     missing table is an error naming the file."""
-    frames = []
-    for task in tasks:
-        for seed in twin_seeds:
-            path = shift_path(output_dir, profile, task, seed)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no site-shift table for task {task!r}, twin seed {seed}; "
-                                        f"run the mechanism study (notebooks/06_mechanism.ipynb) first")
-            frames.append(pd.read_csv(path))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return _read_records(shift_path, "site-shift table", output_dir, profile, tasks, twin_seeds)
 
 
 def shift_table(shifts: pd.DataFrame, value: str = "change") -> pd.DataFrame:
