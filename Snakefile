@@ -76,7 +76,10 @@ OUT = _rel(BASE.output_dir)
 MAIN = BASE.root_label
 PROFILE = PROFILES[BASE.synthetic.profile] if SYNTHETIC else PROFILES["paper"]
 DEVICE = str(config.get("device", "cpu"))
-GRID_TASKS = _names("tasks", tuple(TASKS))
+# the tasks the data holds: INSPECT is a PE cohort; an OMOP source declares a CT archive per task
+DATA_TASKS = ("pe",) if BASE.data.source == "inspect" else \
+    tuple(t for t in TASKS if t in BASE.data.omop.imaging) if BASE.data.source == "omop" else tuple(TASKS)
+GRID_TASKS = _names("tasks", DATA_TASKS)
 GRID_REPRS = _names("ehr_reprs", EHR_REPRS)
 GRID_FUSIONS = _names("fusions", FUSIONS)
 IMAGE_ENCODERS = tuple(BASE.encoders.image)

@@ -18,23 +18,35 @@ def _manifest_check(args: argparse.Namespace) -> int:
 
     manifest = load(args.path)
     print(summary(manifest))
-    if manifest.data.source == "omop":
+    if manifest.data.source in ("omop", "inspect"):
         # open what the study will read: every OMOP table (cast to the CDM types) and imaging index
         from helpers.cohort import read_imaging_index
         from helpers.omop import connect, describe, source_label
 
-        omop = manifest.data.omop
-        con = connect(omop.tables)
-        print(f"OMOP CDM source {source_label(omop.tables)}:")
+        data = manifest.data
+        tables = data.omop.tables if data.source == "omop" else data.inspect.omop
+        con = connect(tables)
+        print(f"OMOP CDM source {source_label(tables)}:")
         for row in describe(con):
             absent = row["absent_cdm_columns"]
             print(f"  {row['table']}: {row['rows']:,} rows, {row['columns']} columns"
                   + (f" (without optional {', '.join(absent)})" if absent else ""))
         con.close()
-        for task, src in omop.imaging.items():
-            index = read_imaging_index(src.index)
-            print(f"imaging index of {task}: {len(index):,} studies of {index['person_id'].nunique():,} persons "
-                  f"({src.index})")
+        if data.source == "inspect":
+            from helpers import inspect_release
+
+            index = inspect_release.imaging_index(data.inspect.release)
+            given = inspect_release.splits(data.inspect.release).value_counts()
+            labels = inspect_release.labels(data.inspect.release).value_counts()
+            print(f"INSPECT release {data.inspect.release}: {len(index):,} studies of "
+                  f"{index['person_id'].nunique():,} persons; splits "
+                  + ", ".join(f"{k} {v:,}" for k, v in given.items())
+                  + "; 12-month mortality labels " + ", ".join(f"{k} {v:,}" for k, v in labels.items()))
+        else:
+            for task, src in data.omop.imaging.items():
+                index = read_imaging_index(src.index)
+                print(f"imaging index of {task}: {len(index):,} studies of {index['person_id'].nunique():,} persons "
+                      f"({src.index})")
     print("manifest OK")
     return 0
 

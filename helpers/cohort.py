@@ -117,6 +117,14 @@ def imaging_source(manifest: Manifest, task: str) -> tuple[Path, Path, Path]:
             raise CohortError(f"{base}: no digital twin for task {task!r} at this setting; write it first "
                               f"(notebooks/00_twin.ipynb, or: snakemake {base / 'twin.json'})")
         return base / "omop", base / "imaging_index.parquet", base
+    if manifest.data.source == "inspect":
+        from helpers.inspect_release import release_files
+
+        if task != "pe":
+            raise ManifestError(f"{manifest.path}: data.source inspect holds the PE task only, not {task!r} "
+                                f"(run the workflow with --config tasks=pe)")
+        src = manifest.data.inspect
+        return src.omop, release_files(src.release)["study_mapping"], src.release
     omop = manifest.data.omop
     assert omop is not None
     if task not in omop.imaging:
@@ -312,6 +320,7 @@ def cohort_paths(manifest: Manifest, task: str) -> dict[str, Path]:
         "exclusions": folder / f"{task}_exclusions.parquet",
         "summary": folder / f"{task}_summary.json",
         "concept_sets": folder / f"{task}_concept_sets.csv",
+        "labels": folder / f"{task}_label_agreement.csv",
     }
 
 
@@ -429,6 +438,7 @@ class CohortBuild:
     paths: dict[str, Path]
     meds: Path | None
     concept_sets: pd.DataFrame | None = None
+    labels: tuple[pd.DataFrame, dict] | None = None
 
 
 def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> CohortBuild:
@@ -442,18 +452,38 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
 
     get_task(task)
     tables, index_path, imaging_root = imaging_source(manifest, task)
-    index = read_imaging_index(index_path)
+    inspect = manifest.data.source == "inspect"
+    if inspect:
+        from helpers import inspect_release
+
+        index = inspect_release.imaging_index(imaging_root)
+    else:
+        index = read_imaging_index(index_path)
     con = connect_omop(tables)
+    labels = None
     try:
         rows = {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in OMOP_TABLES}
         built = build_cohort(con, index, task, imaging_root=imaging_root)
         sets = concept_set_report(con, task)
         sp = manifest.splits
-        cohort = assign_splits(built.cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
-                               external_institutions=sp.external_institutions, seed=sp.seed)
-        result = CohortResult(cohort=cohort, exclusions=built.exclusions)
         paths = cohort_paths(manifest, task)
+        if inspect:  # INSPECT's own splits, as given; its 12-month label only to check the outcome
+            cohort, exclusions = given_splits(built.cohort, inspect_release.splits(imaging_root), built.exclusions,
+                                              "not in INSPECT's splits file")
+            table, agreement = inspect_release.label_agreement(cohort, inspect_release.labels(imaging_root),
+                                                               get_task(task).horizon_days)
+            labels = (table, agreement)
+            paths["labels"].parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(paths["labels"])
+        else:
+            cohort = assign_splits(built.cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
+                                   external_institutions=sp.external_institutions, seed=sp.seed)
+            exclusions = built.exclusions
+        result = CohortResult(cohort=cohort, exclusions=exclusions)
         summary = write_cohort(result, index, imaging_root, paths)
+        if labels is not None:
+            summary["label_agreement"] = labels[1]
+            paths["summary"].write_text(json.dumps(summary, indent=2))
         sets.to_csv(paths["concept_sets"], index=False)
         if meds is None:
             meds = any(spec.kind in MEDS_KINDS for spec in manifest.encoders.ehr.values())
@@ -466,7 +496,19 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
                        dataset_name=f"{task} ({manifest.data.source})")
     finally:
         con.close()
-    return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder, concept_sets=sets)
+    return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder, concept_sets=sets,
+                       labels=labels)
+
+
+def given_splits(cohort: pd.DataFrame, given: pd.Series, exclusions: pd.DataFrame,
+                 reason: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``cohort`` with the ``split`` of each study taken from ``given`` (study_id -> split);
+    a study without one leaves the cohort and joins ``exclusions`` with ``reason``."""
+    known = cohort["study_id"].astype(str).isin(given.index)
+    out = cohort.loc[known].copy()
+    out["split"] = given.loc[out["study_id"].astype(str)].to_numpy()
+    dropped = cohort.loc[~known, ["study_id", "institution"]].assign(reason=reason)
+    return out.reset_index(drop=True), pd.concat([exclusions, dropped], ignore_index=True)
 
 
 def concept_set_report(con: duckdb.DuckDBPyConnection, task: str) -> pd.DataFrame:
@@ -486,4 +528,4 @@ def concept_set_report(con: duckdb.DuckDBPyConnection, task: str) -> pd.DataFram
     return table
 
 
-__all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort", "concept_set_report"]
+__all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort", "concept_set_report", "given_splits"]

@@ -117,10 +117,21 @@ class OmopSource(_Strict):
         return value
 
 
+class InspectSource(_Strict):
+    """The INSPECT release as downloaded (``helpers.inspect_release``): ``release`` is the
+    folder with ``study_mapping_*.tsv``, ``labels_*.tsv``, ``splits_*.tsv`` and ``CTPA/``;
+    ``omop`` its EHR as an OMOP CDM source (a folder of tables, a DuckDB file or a
+    ``postgresql://`` URL). Task ``pe`` only; INSPECT's own splits are used as given."""
+
+    release: Path
+    omop: str | Path
+
+
 class DataSource(_Strict):
-    source: Literal["synthetic", "omop"]
+    source: Literal["synthetic", "omop", "inspect"]
     synthetic: SyntheticSource | None = None
     omop: OmopSource | None = None
+    inspect: InspectSource | None = None
 
 
 ENCODER_KINDS = ("builtin", "hf", "medimageinsight", "ct_mae", "clmbr_mini", "clmbr", "table")
@@ -289,6 +300,13 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
     data = manifest.data
     if data.source == "synthetic" and data.synthetic is None:
         data = data.model_copy(update={"synthetic": SyntheticSource()})
+    if data.source == "inspect":
+        if data.inspect is None:
+            raise ManifestError(f"{path}: data.inspect: required when data.source is 'inspect'")
+        src = data.inspect
+        data = data.model_copy(update={"inspect": InspectSource(
+            release=_resolve(base, src.release),
+            omop=src.omop if is_url(src.omop) else _resolve(base, Path(src.omop)))})
     if data.source == "omop":
         if data.omop is None:
             raise ManifestError(f"{path}: data.omop: required when data.source is 'omop'")
@@ -322,6 +340,13 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
 def _verify(manifest: Manifest) -> None:
     path = manifest.path
     missing: list[str] = []
+    if manifest.data.source == "inspect":
+        src = manifest.data.inspect
+        assert src is not None
+        if not src.release.is_dir():
+            missing.append(f"data.inspect.release: {src.release} is not a folder")
+        if not is_url(src.omop) and not Path(src.omop).exists():
+            missing.append(f"data.inspect.omop: {src.omop} does not exist")
     if manifest.data.source == "omop":
         omop = manifest.data.omop
         assert omop is not None
@@ -422,6 +447,10 @@ def summary(manifest: Manifest) -> str:
             f"data: digital twin, profile {s.profile}, seed {s.seed}, image share {s.image_share:g}, "
             f"interaction {s.interaction:g}"
         )
+    elif data.source == "inspect":
+        assert data.inspect is not None
+        lines.append(f"data: INSPECT release {data.inspect.release}, EHR at {source_label(data.inspect.omop)} "
+                     f"(task pe, INSPECT's splits)")
     else:
         assert data.omop is not None
         lines.append(f"data: OMOP CDM at {source_label(data.omop.tables)}")
