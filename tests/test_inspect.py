@@ -162,3 +162,21 @@ def test_bad_release_files_are_named(release, tmp_path):
     (bad / "study_mapping_20250611.tsv").write_text("impression_id\tperson_id\nimp-1\t1\nimp-1\t2\n")
     with pytest.raises(ir.InspectError, match=r"lacks column\(s\) image_id, procedure_datetime"):
         ir.imaging_index(bad)
+
+
+def test_manifest_check_opens_the_sources(release, tmp_path, capsys):
+    from helpers.__main__ import main
+
+    manifest = _manifest(tmp_path, release["release"])
+    assert main(["manifest", "check", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    persons = len(pd.read_parquet(release["twin"] / "omop" / "person.parquet"))
+    assert f"  person: {persons:,} rows" in out and "concept_ancestor:" in out
+    assert f"INSPECT release {release['release']}: {len(release['index']):,} studies" in out
+    assert "splits train" in out and "manifest OK" in out
+    (release["release"] / "omop" / "DEATH.csv").rename(tmp_path / "DEATH.csv")
+    try:
+        assert main(["manifest", "check", str(manifest)]) == 2
+        assert "OMOP table file(s) missing: death" in capsys.readouterr().err
+    finally:
+        (tmp_path / "DEATH.csv").rename(release["release"] / "omop" / "DEATH.csv")

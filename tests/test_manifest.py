@@ -71,7 +71,7 @@ def _mutate(path: tuple, value):
         (("data", "synthetic", "profil"), "quick", r"data\.synthetic\.profil: unknown key"),
         (("data", "synthetic", "profile"), "huge", r"data\.synthetic\.profile: .*unknown profile 'huge'; expected one of tiny, quick, paper"),
         (("data", "synthetic", "image_share"), 1.5, r"data\.synthetic\.image_share: .*less than or equal to 1"),
-        (("data", "source"), "csv", r"data\.source: .*'synthetic' or 'omop'"),
+        (("data", "source"), "csv", r"data\.source: .*'synthetic', 'omop' or 'inspect'"),
         (("version",), 2, r"version: "),
         (("encoders", "image", "randconv", "kind"), "magic", r"encoders\.image\.randconv\.kind"),
     ],
