@@ -635,10 +635,14 @@ def judge(results: pd.DataFrame) -> pd.DataFrame:
             verdicts["P5"] = (bool((above <= 0).all()), f"largest excess over the oracle: {above.max():+.3f}")
         else:
             verdicts["P5"] = (None, "no oracle row")
-        for key, text in PREDICTIONS.items():
-            held, numbers = verdicts[key]
-            rows.append({"task": task, "prediction": key, "statement": text, "held": held, "numbers": numbers})
+        rows += _verdict_rows(task, PREDICTIONS, verdicts)
     return pd.DataFrame(rows)
+
+
+def _verdict_rows(task: str, predictions: dict[str, str], verdicts: dict[str, tuple[bool | None, str]]) -> list[dict]:
+    """One row per prediction: its statement, whether it held and the numbers that decide it."""
+    return [{"task": task, "prediction": key, "statement": text, "held": verdicts[key][0], "numbers": verdicts[key][1]}
+            for key, text in predictions.items()]
 
 
 def mechanism_figure(results: pd.DataFrame, cohort: str = INTERNAL):
@@ -761,9 +765,7 @@ def judge_shifts(shifts: pd.DataFrame) -> pd.DataFrame:
             verdicts["S4"] = (bool(costs.idxmin() == "noise"), ", ".join(f"{s} {v:+.3f}" for s, v in costs.items()))
         else:
             verdicts["S4"] = (None, "the shifts run lack noise and another scanner shift, or image only")
-        for key, text in SHIFT_PREDICTIONS.items():
-            held, numbers = verdicts[key]
-            rows.append({"task": task, "prediction": key, "statement": text, "held": held, "numbers": numbers})
+        rows += _verdict_rows(task, SHIFT_PREDICTIONS, verdicts)
     return pd.DataFrame(rows)
 
 

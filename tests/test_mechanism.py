@@ -161,3 +161,34 @@ def test_tables_ranks_and_verdicts_follow_the_numbers():
     assert no_ehr == {"P1": None, "P2": True, "P3": None, "P4": None, "P5": True}
     fig = mech.mechanism_figure(results)
     assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["PE, kappa 0", "PE, kappa 1"]
+
+
+def test_shift_tables_and_verdicts_follow_the_numbers():
+    """A hand-built shift table: records cost EHR only 0.03 and concatenation 0.01; noise costs
+    image only 0.02, more than the other scanner shifts; lab units change nothing."""
+    change = {("ehr_completeness", "ehr_only"): -0.03, ("ehr_completeness", "concat"): -0.01,
+              ("noise", "image_only"): -0.02, ("noise", "concat"): -0.005, ("hu_offset", "image_only"): -0.001}
+    rows = []
+    for seed in (1, 2):
+        for shift in ("none", "hu_offset", "noise", "slice_thickness", "ehr_completeness", "lab_units"):
+            for strategy in ("image_only", "ehr_only", "concat", "oracle"):
+                c = change.get((shift, strategy), 0.0)
+                rows.append({"task": "pe", "twin_seed": seed, "shift": shift, "strategy": strategy, "n": 300,
+                             "events": 180, "c_index": 0.6 + c, "lower": 0.55, "upper": 0.65, "change": c,
+                             "change_lower": c - 0.01, "change_upper": c + 0.01 if c else 0.0, "p": 0.5})
+    shifts = pd.DataFrame(rows)
+    table = mech.shift_table(shifts)
+    assert list(table.columns) == ["hu_offset", "noise", "slice_thickness", "ehr_completeness", "lab_units"]
+    assert table.loc[("pe", "ehr_only"), "ehr_completeness"] == pytest.approx(-0.03)
+    hurts = mech.shift_hurts(shifts)["hurt"]
+    assert hurts[("pe", "ehr_only", "ehr_completeness")] == 2 and hurts[("pe", "concat", "ehr_completeness")] == 0
+    verdicts = mech.judge_shifts(shifts).set_index("prediction")["held"]
+    assert verdicts.to_dict() == {"S1": True, "S2": True, "S3": True, "S4": True}
+    worse = shifts.copy()
+    worse.loc[(worse["shift"] == "noise") & (worse["strategy"] == "concat"), "change"] = -0.04
+    worse.loc[(worse["shift"] == "lab_units") & (worse["strategy"] == "ehr_only"), "change"] = 0.02
+    verdicts = mech.judge_shifts(worse).set_index("prediction")
+    held = {k: None if v is None else bool(v) for k, v in verdicts["held"].items()}
+    assert held["S3"] is False and "noise: image_only -0.020, concatenation -0.040" in verdicts.loc["S3", "numbers"]
+    assert held["S1"] is False and "0.0200 (ehr_only)" in verdicts.loc["S1", "numbers"]
+    assert mech.shift_figure(shifts) is not None
