@@ -529,3 +529,33 @@ def concept_set_report(con: duckdb.DuckDBPyConnection, task: str) -> pd.DataFram
 
 
 __all__ += ["MEDS_KINDS", "CohortBuild", "make_cohort", "concept_set_report", "given_splits"]
+
+
+def exclusion_flow(manifest: Manifest, task: str, image_encoder: str) -> pd.DataFrame:
+    """From the imaging index to the analysis, counts only: the studies the cohort step
+    excluded (by reason and institution), then the cohort studies whose CT the image encoder
+    ``image_encoder`` could not read (``image-<encoder>.exclusions.csv``: they stay in the
+    cohort with a missing image, which the models treat as such; counted by the kind of error,
+    since the full reasons name files), and the cohort. Columns ``step``, ``reason``,
+    ``institution``, ``studies``."""
+    from helpers.embeddings import embedding_path, exclusions_path
+
+    paths = cohort_paths(manifest, task)
+    cohort = read_cohort(paths["cohort"])
+    excluded = pd.read_parquet(paths["exclusions"])
+    rows = [{"step": "cohort: excluded", "reason": r.reason, "institution": r.institution, "studies": int(r.studies)}
+            for r in CohortResult(cohort=cohort, exclusions=excluded).exclusion_counts().itertuples(index=False)]
+    unread = exclusions_path(embedding_path(manifest.run_root, task, "image", image_encoder))
+    if unread.is_file():
+        frame = pd.read_csv(unread, dtype={"study_id": str})
+        frame = frame.merge(cohort[["study_id", "institution"]], on="study_id", how="left")
+        # by the kind of error: the full reason names files, which may carry identifiers
+        for (error, institution), group in frame.groupby(["error", "institution"], dropna=False):
+            rows.append({"step": f"image encoder {image_encoder}: CT unreadable, image missing", "reason": error,
+                         "institution": institution, "studies": len(group)})
+    for institution, group in cohort.groupby("institution"):
+        rows.append({"step": "cohort: analysed", "reason": "", "institution": institution, "studies": len(group)})
+    return pd.DataFrame(rows, columns=["step", "reason", "institution", "studies"])
+
+
+__all__ += ["exclusion_flow"]

@@ -418,6 +418,18 @@ def test_extract_writes_two_embeddings_and_records_the_third_study(tmp_path):
     with pytest.raises(EmbeddingError, match=r"'rows'\[0\]: expected the keys study_id, image_path, error, reason, got study_id"):
         write_exclusions(result.path, [{"study_id": "b"}])
 
+    # the results chapter's flow from the index to the analysis counts it, by the kind of error
+    from helpers.cohort import exclusion_flow
+
+    pd.DataFrame({"study_id": ["z"], "institution": ["site_a"], "reason": ["duplicate study_id in the imaging index"]}
+                 ).to_parquet(cohorts / "pe_exclusions.parquet", index=False)
+    flow = exclusion_flow(manifest, "pe", "randconv")
+    assert flow.values.tolist() == [
+        ["cohort: excluded", "duplicate study_id in the imaging index", "site_a", 1],
+        ["image encoder randconv: CT unreadable, image missing", "VolumeFormatError", "site_a", 1],
+        ["cohort: analysed", "", "site_a", 3]]
+    assert "images/" not in flow.to_csv()  # no path of a file
+
     # training sees study b without its image
     from helpers.training import split_arrays
 
