@@ -139,12 +139,10 @@ def label_agreement(cohort: pd.DataFrame, label: pd.Series, horizon_days: int = 
     table = pd.crosstab(pair["derived"], pair["inspect"]).reindex(index=order, columns=order, fill_value=0)
     decided = pair[pair["derived"].isin(order[:2]) & pair["inspect"].isin(order[:2])]
     kappa = float("nan")
-    if len(decided):
-        observed = float((decided["derived"] == decided["inspect"]).mean())
-        p_true = (decided["derived"] == "TRUE").mean() * (decided["inspect"] == "TRUE").mean()
-        p_false = (decided["derived"] == "FALSE").mean() * (decided["inspect"] == "FALSE").mean()
-        chance = p_true + p_false
-        kappa = (observed - chance) / (1 - chance) if chance < 1 else float("nan")
+    if decided["derived"].nunique() + decided["inspect"].nunique() > 2:  # defined unless one class only
+        from sklearn.metrics import cohen_kappa_score
+
+        kappa = float(cohen_kappa_score(decided["derived"], decided["inspect"]))
     summary = {"studies": int(len(pair)), "cohort_without_label": int(len(derived) - len(both)),
                "agreement": float((pair["derived"] == pair["inspect"]).mean()) if len(pair) else float("nan"),
                "decided_studies": int(len(decided)), "kappa_decided": kappa}

@@ -195,45 +195,28 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _share_volumes(first: Manifest, other: Manifest, task: str) -> None:
-    """Point ``other``'s twin at the volumes ``first`` rendered (a symbolic link to its
-    ``images`` folder), after checking that both imaging indexes list the same studies and
-    files."""
-    here = other.twin_dir / task
-    there = first.twin_dir / task
-    a = pd.read_parquet(there / "imaging_index.parquet", columns=["study_id", "image_path"])
-    b = pd.read_parquet(here / "imaging_index.parquet", columns=["study_id", "image_path"])
+def _link_volumes(source: Path, target: Path, site: str | None = None) -> None:
+    """Point ``target``'s volumes at ``source``'s (twin task folders): its whole ``images``
+    folder, or only ``images/<site>``, as a relative symbolic link, after checking that both
+    imaging indexes list the same studies and files (of that site)."""
+    columns = ["study_id", "institution", "image_path"]
+    a, b = (pd.read_parquet(folder / "imaging_index.parquet", columns=columns) for folder in (source, target))
+    if site is not None:
+        a, b = (x[x["institution"] == site].reset_index(drop=True) for x in (a, b))
     if not a.equals(b):
-        raise RuntimeError(f"{here / 'imaging_index.parquet'}: lists other studies or files than "
-                           f"{there / 'imaging_index.parquet'}; the volumes cannot be shared")
-    images = here / "images"
-    if images.is_symlink() or images.exists():
-        if images.is_symlink():
-            images.unlink()
-        else:
-            shutil.rmtree(images)
-    images.symlink_to(os.path.relpath(there / "images", here), target_is_directory=True)
-
-
-_SCANNER = ("hu_offset", "noise_sd", "slice_mm", "n_slices", "pixel_mm", "matrix")
-
-
-def _link_site(source: Path, target: Path, site: str) -> None:
-    """Point ``target``'s ``images/<site>`` at ``source``'s (a twin task folder each), after
-    checking that both imaging indexes list the same studies and files for that site."""
-    a = pd.read_parquet(source / "imaging_index.parquet", columns=["study_id", "institution", "image_path"])
-    b = pd.read_parquet(target / "imaging_index.parquet", columns=["study_id", "institution", "image_path"])
-    a, b = (x[x["institution"] == site].reset_index(drop=True) for x in (a, b))
-    if not a.equals(b):
-        raise RuntimeError(f"{target / 'imaging_index.parquet'}: lists other {site} studies or files than "
-                           f"{source / 'imaging_index.parquet'}; the volumes cannot be shared")
-    link = target / "images" / site
+        raise RuntimeError(f"{target / 'imaging_index.parquet'}: lists other {site + ' ' if site else ''}studies or "
+                           f"files than {source / 'imaging_index.parquet'}; the volumes cannot be shared")
+    relative = Path("images") / site if site else Path("images")
+    link = target / relative
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink():
         link.unlink()
     elif link.exists():
         shutil.rmtree(link)
-    link.symlink_to((source / "images" / site).resolve(), target_is_directory=True)
+    link.symlink_to(os.path.relpath(source / relative, link.parent), target_is_directory=True)
+
+
+_SCANNER = ("hu_offset", "noise_sd", "slice_mm", "n_slices", "pixel_mm", "matrix")
 
 
 _SHIFT_INTERNAL = 20  # internal studies of a shift twin (a token: only its external site is scored)
@@ -270,7 +253,7 @@ def _run_shifts(spec: MechanismSpec, models: dict, image_encoder: str) -> tuple[
                  interaction=setting.interaction, tasks=(task,), n_override=sizes,
                  images=True if leader is None else ("internal",), site_shift=setting.shift)
         if leader is not None:
-            _link_site(leader.twin_dir / task, manifest.twin_dir / task, external_site)
+            _link_volumes(leader.twin_dir / task, manifest.twin_dir / task, external_site)
         twin_done = time.perf_counter()
         build = make_cohort(manifest, task, meds=False)
         cohort = build.result.cohort
@@ -362,7 +345,7 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
         generate(manifest.twin_dir, profile=setting.profile, seed=setting.seed, image_share=setting.image_share,
                  interaction=setting.interaction, tasks=(task,), images=k == 0)
         if k > 0:
-            _share_volumes(first, manifest, task)
+            _link_volumes(first.twin_dir / task, manifest.twin_dir / task)
         twin_done = time.perf_counter()
         builds.append(make_cohort(manifest, task, meds=False))
         rows.append({"task": task, "twin_seed": setting.seed, "image_share": setting.image_share,

@@ -518,14 +518,50 @@ class RunResult:
     output_dir: Path
 
 
+def _read_inputs(strategy, config: TrainConfig, cohort_path: Path, image_embeddings: Path | None,
+                 ehr_embeddings: Path | None):
+    """The cohort and the embedding tables a run of ``strategy`` reads (per-slice tokens when
+    its configuration asks for them): ``(cohort, image_table, ehr_table, needs_tokens)``."""
+    from helpers import cohort as hc
+    from helpers.embeddings import read_embeddings
+
+    cohort = hc.read_cohort(cohort_path)
+    needs_tokens = strategy.tokens and config.image_tokens == "slices"
+    img_table = read_embeddings(image_embeddings, tokens=needs_tokens) if strategy.uses_image else None
+    ehr_table = read_embeddings(ehr_embeddings, tokens=False) if strategy.uses_ehr else None
+    return cohort, img_table, ehr_table, needs_tokens
+
+
+def _run_record(spec: RunSpec, result: FitResult, tokens: dict | None, scores: dict, missing: dict, cohort_path: Path,
+                image_embeddings: Path | None, ehr_embeddings: Path | None, img_table, ehr_table, *,
+                train_seconds: float, alignment: dict | None, **extra) -> tuple[dict, dict]:
+    """``metrics.json`` and ``params.json`` of a run (``extra`` goes into both)."""
+    from helpers.manifest import sha256_path
+    from helpers.tasks import get_strategy, get_task
+
+    strategy = get_strategy(spec.fusion)
+    config = result.config
+    metrics = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+               "loss": config.loss, "tokens": tokens, "best_epoch": result.best_epoch, "epochs": len(result.history),
+               "train_seconds": train_seconds, "splits": scores, "missing": missing, "alignment": alignment, **extra}
+    inputs = [cohort_path] + ([image_embeddings] if strategy.uses_image else []) \
+        + ([ehr_embeddings] if strategy.uses_ehr else [])
+    params = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
+              "loss": config.loss, "tokens": tokens, "options": spec.options, "cohort_path": str(cohort_path),
+              "image_embeddings": str(image_embeddings) if strategy.uses_image else None,
+              "ehr_embeddings": str(ehr_embeddings) if strategy.uses_ehr else None,
+              "image_encoder": img_table.metadata if img_table else None,
+              "ehr_encoder": ehr_table.metadata if ehr_table else None,
+              "horizon_days": get_task(spec.task).horizon_days, **extra,
+              "inputs_sha256": {str(p): sha256_path(p) for p in inputs}}
+    return metrics, params
+
+
 def train_run(spec: RunSpec, *, progress: bool = False) -> RunResult:
     """Train the run ``spec`` names and write it (``helpers.runs`` format): read the cohort and
     embedding tables, fit with early stopping on validation, predict every split, write
     ``params.json`` (names, inputs and their sha256, encoders, configuration),
     ``predictions.parquet``, ``model.pt`` and, last, ``metrics.json``."""
-    from helpers import cohort as hc
-    from helpers.embeddings import read_embeddings
-    from helpers.manifest import sha256_path
     from helpers.tasks import get_strategy, get_task
 
     task = get_task(spec.task)
@@ -533,10 +569,8 @@ def train_run(spec: RunSpec, *, progress: bool = False) -> RunResult:
     config = train_config(spec.options, ehr_repr=spec.ehr_repr)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    cohort = hc.read_cohort(spec.cohort_path)
-    needs_tokens = strategy.tokens and config.image_tokens == "slices"
-    img_table = read_embeddings(spec.image_embeddings, tokens=needs_tokens) if strategy.uses_image else None
-    ehr_table = read_embeddings(spec.ehr_embeddings, tokens=False) if strategy.uses_ehr else None
+    cohort, img_table, ehr_table, needs_tokens = _read_inputs(strategy, config, spec.cohort_path,
+                                                              spec.image_embeddings, spec.ehr_embeddings)
     splits = split_arrays(cohort, img_table, ehr_table, image_tokens=needs_tokens)
     missing = missing_counts(splits)
     result = fit(spec.fusion, splits["train"][1], splits["val"][1], config=config, seed=spec.seed)
@@ -544,20 +578,9 @@ def train_run(spec: RunSpec, *, progress: bool = False) -> RunResult:
                  if spec.fusion == "contrastive" else {})
     predictions, scores = make_predictions(result.model, splits, task.horizon_days)
     tokens = {"image": config.image_tokens, "ehr": config.ehr_tokens} if strategy.tokens else None
-    metrics = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
-               "loss": config.loss, "tokens": tokens, "best_epoch": result.best_epoch, "epochs": len(result.history),
-               "train_seconds": round(result.seconds, 2), "splits": scores, "missing": missing,
-               "alignment": alignment or None}
-    inputs = [spec.cohort_path] + ([spec.image_embeddings] if strategy.uses_image else []) \
-        + ([spec.ehr_embeddings] if strategy.uses_ehr else [])
-    params = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
-              "loss": config.loss, "tokens": tokens, "options": spec.options, "cohort_path": str(spec.cohort_path),
-              "image_embeddings": str(spec.image_embeddings) if strategy.uses_image else None,
-              "ehr_embeddings": str(spec.ehr_embeddings) if strategy.uses_ehr else None,
-              "image_encoder": img_table.metadata if img_table else None,
-              "ehr_encoder": ehr_table.metadata if ehr_table else None,
-              "horizon_days": task.horizon_days,
-              "inputs_sha256": {str(p): sha256_path(p) for p in inputs}}
+    metrics, params = _run_record(spec, result, tokens, scores, missing, spec.cohort_path, spec.image_embeddings,
+                                  spec.ehr_embeddings, img_table, ehr_table, train_seconds=round(result.seconds, 2),
+                                  alignment=alignment or None)
     write_run(spec.output_dir, result=result, predictions=predictions, metrics=metrics, params=params)
     return RunResult(spec=spec, fit=result, splits=splits, missing=missing, predictions=predictions, scores=scores,
                      alignment=alignment, tokens=tokens, output_dir=Path(spec.output_dir))
@@ -571,21 +594,16 @@ def rescore_run(result: RunResult, *, cohort_path: Path, image_embeddings: Path 
     the run the model was trained in, ``trained_in``). The Cox baseline hazard stays the
     training run's. The mechanism study scores the models of one twin setting on the external
     site under each site shift this way (``helpers.mechanism``)."""
-    from helpers import cohort as hc
-    from helpers.embeddings import read_embeddings
-    from helpers.manifest import sha256_path
     from helpers.tasks import get_strategy, get_task
 
     spec, config = result.spec, result.fit.config
     strategy = get_strategy(spec.fusion)
-    cohort = hc.read_cohort(cohort_path)
-    needs_tokens = strategy.tokens and config.image_tokens == "slices"
     if strategy.uses_image and image_embeddings is None:
         raise ValueError(f"parameter 'image_embeddings': run {spec.fusion} uses the image; give its table")
     if strategy.uses_ehr and ehr_embeddings is None:
         raise ValueError(f"parameter 'ehr_embeddings': run {spec.fusion} uses the EHR; give its table")
-    img_table = read_embeddings(image_embeddings, tokens=needs_tokens) if strategy.uses_image else None
-    ehr_table = read_embeddings(ehr_embeddings, tokens=False) if strategy.uses_ehr else None
+    cohort, img_table, ehr_table, needs_tokens = _read_inputs(strategy, config, cohort_path, image_embeddings,
+                                                              ehr_embeddings)
     for path, new, old in ((image_embeddings, img_table, result.splits["train"][1].img),
                            (ehr_embeddings, ehr_table, result.splits["train"][1].ehr)):
         if new is not None and new.embedding.shape[1] != old.shape[1]:
@@ -598,20 +616,9 @@ def rescore_run(result: RunResult, *, cohort_path: Path, image_embeddings: Path 
                                            get_task(spec.task).horizon_days)
     predictions = predictions[predictions["split"] != "train"].reset_index(drop=True)
     scores.pop("train")
-    metrics = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
-               "loss": config.loss, "tokens": result.tokens, "best_epoch": result.fit.best_epoch,
-               "epochs": len(result.fit.history), "train_seconds": 0.0, "splits": scores,
-               "missing": missing_counts(new), "alignment": None, "trained_in": str(result.output_dir)}
-    inputs = [cohort_path] + ([image_embeddings] if strategy.uses_image else []) \
-        + ([ehr_embeddings] if strategy.uses_ehr else [])
-    params = {"task": spec.task, "ehr_repr": spec.ehr_repr, "fusion": spec.fusion, "seed": spec.seed,
-              "loss": config.loss, "tokens": result.tokens, "options": spec.options, "cohort_path": str(cohort_path),
-              "image_embeddings": str(image_embeddings) if strategy.uses_image else None,
-              "ehr_embeddings": str(ehr_embeddings) if strategy.uses_ehr else None,
-              "image_encoder": img_table.metadata if img_table else None,
-              "ehr_encoder": ehr_table.metadata if ehr_table else None,
-              "horizon_days": get_task(spec.task).horizon_days, "trained_in": str(result.output_dir),
-              "inputs_sha256": {str(p): sha256_path(p) for p in inputs}}
+    metrics, params = _run_record(spec, result.fit, result.tokens, scores, missing_counts(new), cohort_path,
+                                  image_embeddings, ehr_embeddings, img_table, ehr_table, train_seconds=0.0,
+                                  alignment=None, trained_in=str(result.output_dir))
     write_run(output_dir, result=result.fit, predictions=predictions, metrics=metrics, params=params)
     return RunResult(spec=spec, fit=result.fit, splits=new, missing=metrics["missing"], predictions=predictions,
                      scores=scores, alignment={}, tokens=result.tokens, output_dir=Path(output_dir))
