@@ -97,6 +97,8 @@ if absent:
 MECHANISM_SEEDS = ()
 if SYNTHETIC and str(config.get("mechanism", "1")) != "0" and PROFILE.mechanism_twin_seeds:
     MECHANISM_SEEDS = tuple(BASE.synthetic.seed + i for i in range(PROFILE.mechanism_twin_seeds))
+# the twin seeds whose tuning-setting models are also scored under the site shifts
+SHIFT_SEEDS = MECHANISM_SEEDS[:PROFILE.mechanism_shift_seeds] if PROFILE.mechanism_shifts else ()
 MECHANISM_KAPPAS = tuple(dict.fromkeys(m * BASE.synthetic.interaction for m in PROFILE.mechanism_interactions)) \
     if SYNTHETIC else ()
 
@@ -476,8 +478,8 @@ rule mechanism:
             "06_mechanism.ipynb", output.notebook, task=wc.task, twin_seed=int(wc.twin_seed),
             profile=PROFILE.mechanism_profile, shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
             interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS), fusions=",".join(GRID_FUSIONS),
-            shifts=",".join(PROFILE.mechanism_shifts), shift_studies=PROFILE.mechanism_shift_studies,
-            manifest=input.manifest),
+            shifts=",".join(PROFILE.mechanism_shifts) if int(wc.twin_seed) in SHIFT_SEEDS else "",
+            shift_studies=PROFILE.mechanism_shift_studies, manifest=input.manifest),
     shell:
         "{params.cmd}"
 
@@ -497,7 +499,8 @@ rule imbalance:
             shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
             interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS),
             twin_seeds=",".join(map(str, MECHANISM_SEEDS)), tasks=",".join(GRID_TASKS), fusions=",".join(GRID_FUSIONS),
-            shifts=",".join(PROFILE.mechanism_shifts), out_dir=str(Path(output.table).parent)),
+            shifts=",".join(PROFILE.mechanism_shifts), shift_seeds=",".join(map(str, SHIFT_SEEDS)),
+            out_dir=str(Path(output.table).parent)),
     shell:
         "{params.cmd}"
 

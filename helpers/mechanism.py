@@ -222,6 +222,25 @@ _SCANNER = ("hu_offset", "noise_sd", "slice_mm", "n_slices", "pixel_mm", "matrix
 _SHIFT_INTERNAL = 20  # internal studies of a shift twin (a token: only its external site is scored)
 
 
+def _adopt(result, output_dir: Path):
+    """The run ``result`` (a ``helpers.training.RunResult``) copied into ``output_dir``, as the
+    same result there."""
+    import dataclasses
+    import shutil
+
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # metrics.json marks a finished run (helpers.runs), so it is copied last
+    files = sorted(Path(result.output_dir).iterdir(), key=lambda f: f.name == "metrics.json")
+    output_dir.mkdir()
+    for file in files:
+        shutil.copy2(file, output_dir / file.name)
+    return dataclasses.replace(result, output_dir=output_dir,
+                               spec=dataclasses.replace(result.spec, output_dir=output_dir))
+
+
 def _run_shifts(spec: MechanismSpec, models: dict, image_encoder: str) -> tuple[pd.DataFrame, list[dict]]:
     """Score ``models`` (the tuning setting's runs, by strategy) on the external site under
     each shift of ``spec``; returns the paired table (``shift_path``) and the timings."""
@@ -373,6 +392,7 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
             _link(source, here.with_name(source.name))
     started = time.perf_counter()
     chosen: dict[str, dict] = {fusion: dict(spec.options) for fusion in spec.fusions}
+    tuned: dict[str, object] = {}  # the chosen tuning run of each strategy (RunResult)
     tuning = []
     ehr_tables: dict[int, Path] = {}  # the one-hot table of each setting, made once
     t = tuning_setting(grid)
@@ -386,7 +406,12 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
                 val_c[l2] = result.scores["val"]["c_index"]
                 tuning.append({"task": task, "twin_seed": spec.twin_seed, "setting": grid[t].label, "fusion": fusion,
                                "l2": l2, "val_c_index": round(val_c[l2], 4)})
+                # keep only the best so far (ties: the smaller penalty)
+                held = tuned[fusion].spec.options["l2"] if fusion in tuned else None
+                if held is None or (val_c[l2], -l2) > (val_c[held], -held):
+                    tuned[fusion] = result
             best = max(val_c, key=lambda v: (val_c[v], -v))  # ties: the smaller penalty
+            assert tuned[fusion].spec.options["l2"] == best
             chosen[fusion] = {**spec.options, "l2": best}
             for row in tuning[-len(spec.l2_grid):]:
                 row["chosen"] = row["l2"] == best
@@ -398,7 +423,13 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
         clock["embeddings"] = time.perf_counter()
         runs_dir = manifest.run_root / "runs"
         for fusion in spec.fusions:
-            trained = train(manifest, build, ehr, fusion, chosen[fusion])
+            if k == t and fusion in tuned:
+                # the tuning run with the chosen penalty is this run (same inputs, options and
+                # seed; training is deterministic), so it is copied rather than trained again
+                trained = _adopt(tuned[fusion], run_dir(manifest.run_root, task, tuned[fusion].spec.ehr_repr,
+                                                        fusion, spec.seed))
+            else:
+                trained = train(manifest, build, ehr, fusion, chosen[fusion])
             if k == t:
                 models[fusion] = trained  # scored under the site shifts
         clock["train"] = time.perf_counter()

@@ -184,7 +184,8 @@ class Profile:
     ``mechanism_twin_seeds`` twins of size ``mechanism_profile`` (the manifest's seed and the
     next ones; 0 for no mechanism study), and the tuning setting's models on the external site
     under each site shift of ``mechanism_shifts`` (``SHIFTS``), on twins with
-    ``mechanism_shift_studies`` external studies. ``short_pretraining``: the built-in foundation models pretrain
+    ``mechanism_shift_studies`` external studies, at the first ``mechanism_shift_seeds`` twin
+    seeds. ``short_pretraining``: the built-in foundation models pretrain
     for a fraction of their default steps (``helpers.pretrain.QUICK_PRETRAIN``).
     ``probe_encoders``: also extract (and pretrain) the manifest's other image encoders, which
     the embeddings chapter probes but no model trains on (the fusion models use the first); the
@@ -206,7 +207,8 @@ class Profile:
     mechanism_shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     mechanism_interactions: tuple[float, ...] = (0.0, 1.0, 2.0)
     mechanism_shifts: tuple[str, ...] = SHIFTS
-    mechanism_shift_studies: int = 300
+    mechanism_shift_studies: int = 400
+    mechanism_shift_seeds: int = 1
     short_pretraining: bool = False
     probe_encoders: bool = True
     saliency_fusions: tuple[str, ...] = ("concat", "contrastive", "cross_attention", "coattn_image_guided",

@@ -16,6 +16,8 @@ import yaml
 from helpers import mechanism as mech
 from helpers.compare import ORACLE
 from helpers.manifest import load
+from helpers.runs import RunSpec
+from helpers.training import train_run
 
 matplotlib.use("Agg")
 
@@ -71,6 +73,20 @@ def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp
             params = json.loads((root / "runs" / "mace" / ehr_repr / fusion / "seed-0" / "params.json").read_text())
             assert params["options"]["l2"] == pick["l2"].iloc[0]
     assert not (first / "runs" / "mace").joinpath("tuning").exists()  # tuning runs are kept apart
+    # at the tuning setting each run is its chosen tuning run, copied rather than trained again:
+    # the same predictions, and training it again gives them too (training is deterministic)
+    here = manifest.output_dir / grid[mech.tuning_setting(grid)].label
+    for fusion, ehr_repr in (("image_only", "none"), ("ehr_only", "onehot")):
+        l2 = tuning[(tuning["fusion"] == fusion) & tuning["chosen"]]["l2"].iloc[0]
+        run = here / "runs" / "mace" / ehr_repr / fusion / "seed-0"
+        copied = pd.read_parquet(run / "predictions.parquet")
+        assert copied.equals(pd.read_parquet(here / "tuning" / "mace" / fusion / f"l2-{l2:g}" / "predictions.parquet"))
+        if fusion == "ehr_only":
+            params = json.loads((run / "params.json").read_text())
+            again = train_run(RunSpec(task="mace", ehr_repr=ehr_repr, fusion=fusion, seed=0, options=params["options"],
+                                      cohort_path=Path(params["cohort_path"]), image_embeddings=None,
+                                      ehr_embeddings=Path(params["ehr_embeddings"]), output_dir=tmp_path / "again"))
+            pd.testing.assert_series_equal(again.predictions["risk"], copied["risk"])
     # the site shifts: the tuning setting's models scored on the external site under each shift,
     # the patients and outcomes the same, the internal site unchanged
     shifts = result.shifts
