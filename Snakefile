@@ -26,7 +26,7 @@ from pathlib import Path
 from helpers.cohort import MEDS_KINDS
 from helpers.manifest import PRETRAINED_KINDS, dump
 from helpers.manifest import load as load_manifest
-from helpers.mechanism import result_path
+from helpers.mechanism import result_path, tuning_path
 from helpers.tasks import (
     EHR_REPRS,
     FUSIONS,
@@ -105,6 +105,17 @@ MECHANISM_KAPPAS = tuple(dict.fromkeys(m * BASE.synthetic.interaction for m in P
 
 def mechanism_result(task, twin_seed):
     return _rel(result_path(BASE.output_dir, PROFILE.mechanism_profile, task, twin_seed))
+
+
+def mechanism_tuning(task, twin_seed):
+    return _rel(tuning_path(BASE.output_dir, PROFILE.mechanism_profile, task, twin_seed))
+
+
+def tuned_at(wildcards):
+    """The first twin seed chooses each strategy's penalty on its validation split; the
+    others keep its choices (helpers.mechanism.MechanismSpec.tuned_at)."""
+    first = MECHANISM_SEEDS[0]
+    return [] if int(wildcards.twin_seed) == first else [mechanism_tuning(wildcards.task, first)]
 
 
 def manifest_for(root):
@@ -468,8 +479,10 @@ rule mechanism:
         manifest=f"{OUT}/{MAIN}/manifest.yaml",
         notebook=f"{NOTEBOOKS}/06_mechanism.ipynb",
         code=CODE,
+        tuned_at=tuned_at,
     output:
         record=f"{OUT}/{PROFILE.mechanism_profile}/sweep/mechanism-{{task}}-seed-{{twin_seed}}.csv",
+        tuning=f"{OUT}/{PROFILE.mechanism_profile}/sweep/tuning-{{task}}-seed-{{twin_seed}}.csv",
         notebook=f"{OUT}/{MAIN}/notebooks/{{task}}/06_mechanism/seed-{{twin_seed}}.ipynb",
     wildcard_constraints:
         twin_seed=r"\d+",
@@ -479,7 +492,8 @@ rule mechanism:
             profile=PROFILE.mechanism_profile, shares=",".join(f"{s:g}" for s in PROFILE.mechanism_shares),
             interactions=",".join(f"{k:g}" for k in MECHANISM_KAPPAS), fusions=",".join(GRID_FUSIONS),
             shifts=",".join(PROFILE.mechanism_shifts) if int(wc.twin_seed) in SHIFT_SEEDS else "",
-            shift_studies=PROFILE.mechanism_shift_studies, manifest=input.manifest),
+            shift_studies=PROFILE.mechanism_shift_studies, tuned_at=input.tuned_at[0] if input.tuned_at else "",
+            manifest=input.manifest),
     shell:
         "{params.cmd}"
 

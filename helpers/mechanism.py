@@ -20,10 +20,12 @@ encoded once, and every setting links that table. The records, the cohort and th
 are made anew at each setting, because the outcomes are in them.
 
 Every strategy chooses its L2 penalty from ``L2_GRID`` by its validation C at one setting
-(``tuning_setting``: s = 0.5 at the default kappa), once per task and twin seed, and keeps it
-at every setting: the same tuning budget for every strategy, none of it on test data
-(``tuning_path`` records the choices). One choice per twin rather than per setting keeps the
-budget: a grid of three at every setting would triple the training time.
+(``tuning_setting``: s = 0.5 at the default kappa) of the first twin seed, and keeps it at
+every setting and twin seed (``MechanismSpec.tuned_at``): the same tuning budget for every
+strategy, none of it on test data (``tuning_path`` records the choices). One choice per task
+rather than per setting or twin keeps the budget: a grid of three at every setting would
+triple the training time. At the tuning setting, the tuning run of the chosen penalty is the
+setting's run (copied, not trained again).
 
 The site shifts (``SHIFTS``, ``helpers.twin.records.SITE_SHIFTS``): at the tuning setting,
 the models every strategy trained there score the external site under one shift at a time
@@ -67,7 +69,7 @@ from helpers.tasks import (
 )
 
 __all__ = ["SHARES", "INTERACTIONS", "INTERNAL", "PREDICTIONS", "MechanismSpec", "MechanismResult", "settings",
-           "run_mechanism", "result_path", "shift_path", "shift_settings", "collect_shifts", "shift_table", "shift_hurts", "SHIFT_LABELS", "SHIFT_PREDICTIONS", "judge_shifts", "shift_figure", "tuning_setting", "tuning_path", "L2_GRID", "collect", "collect_tuning", "balance", "setting_table", "rank_first", "judge", "mechanism_figure"]
+           "run_mechanism", "result_path", "shift_path", "shift_settings", "collect_shifts", "shift_table", "shift_hurts", "SHIFT_LABELS", "SHIFT_PREDICTIONS", "judge_shifts", "shift_figure", "tuning_setting", "tuning_path", "kept_choices", "L2_GRID", "collect", "collect_tuning", "balance", "setting_table", "rank_first", "judge", "mechanism_figure"]
 
 # The grid of the mechanism study.
 SHARES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -87,7 +89,9 @@ class MechanismSpec:
     training hyper-parameters for every strategy. ``l2_grid``: each strategy's L2 penalty is
     chosen from these values by its validation C at the tuning setting (``tuning_setting``)
     and kept at every setting, so that every strategy gets the same tuning budget and none is
-    tuned on test data; ``()`` keeps ``options`` as they are. ``shifts``: the external site's
+    tuned on test data; ``()`` keeps ``options`` as they are. ``tuned_at``: the tuning record
+    (``tuning_path``) of another twin seed of the same task whose choices this one keeps instead
+    of tuning again (the study tunes at its first twin seed; None: tune here). ``shifts``: the external site's
     shifts (``helpers.tasks.SHIFTS``) its models are scored under, at the tuning setting, each
     on a twin with ``shift_studies`` external studies (``()``: none; the first must be
     ``none``, the reference of every shift's change).
@@ -105,6 +109,7 @@ class MechanismSpec:
     n_boot: int = 200
     options: dict = field(default_factory=dict)
     l2_grid: tuple[float, ...] = L2_GRID
+    tuned_at: Path | None = None
     shifts: tuple[str, ...] = SHIFTS
     shift_studies: int = 300
 
@@ -220,6 +225,31 @@ _SCANNER = ("hu_offset", "noise_sd", "slice_mm", "n_slices", "pixel_mm", "matrix
 
 
 _SHIFT_INTERNAL = 20  # internal studies of a shift twin (a token: only its external site is scored)
+
+
+def kept_choices(spec: MechanismSpec) -> dict[str, float]:
+    """The L2 penalty each strategy of ``spec`` chose in the tuning record ``spec.tuned_at``
+    (another twin seed's); a record of another task, without a choice for one of the
+    strategies, or with a penalty outside ``spec.l2_grid`` is an error naming the file."""
+    path = Path(spec.tuned_at)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tuning record (parameter 'tuned_at'); run the twin seed that tunes first")
+    record = pd.read_csv(path)
+    missing = [c for c in ("task", "fusion", "l2", "chosen") if c not in record.columns]
+    if missing:
+        raise ValueError(f"{path}: a tuning record lacks column(s) {', '.join(missing)}")
+    if set(record["task"]) != {spec.task}:
+        raise ValueError(f"{path}: a tuning record of task(s) {', '.join(map(str, sorted(set(record['task']))))}, "
+                         f"not {spec.task!r}")
+    picked = record[record["chosen"].astype(bool)].set_index("fusion")["l2"]
+    absent = [f for f in spec.fusions if f not in picked.index]
+    if absent or picked.index.duplicated().any():
+        raise ValueError(f"{path}: expected one chosen penalty per strategy; none for {', '.join(absent)}"
+                         if absent else f"{path}: a strategy has two chosen penalties")
+    outside = sorted({float(v) for v in picked} - {float(v) for v in spec.l2_grid}) if spec.l2_grid else []
+    if outside:
+        raise ValueError(f"{path}: chosen penalties {outside} are not in the study's grid {list(spec.l2_grid)}")
+    return {f: float(picked[f]) for f in spec.fusions}
 
 
 def _adopt(result, output_dir: Path):
@@ -396,7 +426,11 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
     tuning = []
     ehr_tables: dict[int, Path] = {}  # the one-hot table of each setting, made once
     t = tuning_setting(grid)
-    if spec.l2_grid:
+    if spec.tuned_at is not None:
+        for fusion, l2 in kept_choices(spec).items():
+            chosen[fusion] = {**spec.options, "l2": l2}
+        tuning = pd.read_csv(spec.tuned_at).assign(twin_seed=spec.twin_seed).to_dict("records")
+    elif spec.l2_grid:
         ehr_tables[t] = extract(manifests[t], task, "ehr", spec.ehr_repr).path
         for fusion in spec.fusions:
             val_c = {}

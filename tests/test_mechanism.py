@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -113,6 +114,39 @@ def test_one_task_and_seed_renders_the_volumes_once_and_scores_every_setting(tmp
     assert params["trained_in"] == str(first / "runs/mace/none/image_only/seed-0")
     scored = pd.read_csv(labels["noise"] / "comparisons" / "mace" / "cindex.csv")
     assert set(scored["cohort"]) == {"External"}
+
+
+def test_a_later_twin_seed_keeps_the_first_seeds_penalties(tmp_path):
+    manifest = _manifest(tmp_path)
+    first = tmp_path / "tuning-mace-seed-5.csv"
+    pd.DataFrame({"task": "mace", "twin_seed": 5, "setting": "tiny/sweep/share-0.5_interaction-0.75_seed-5",
+                  "fusion": ["image_only", "image_only", "ehr_only", "ehr_only"], "l2": [1e-4, 1e-2] * 2,
+                  "val_c_index": [0.6, 0.5, 0.55, 0.7], "chosen": [True, False, False, True]}).to_csv(first, index=False)
+    spec = mech.MechanismSpec(manifest=manifest, task="mace", twin_seed=6, profile="tiny", shares=(0.0, 1.0),
+                              interactions=(0.75,), fusions=("image_only", "ehr_only"), n_boot=20,
+                              l2_grid=(1e-4, 1e-2), tuned_at=first, shifts=())
+    assert mech.kept_choices(spec) == {"image_only": 1e-4, "ehr_only": 1e-2}
+    result = mech.run_mechanism(spec)
+    # nothing tuned here: the record is the first seed's choices, under this seed
+    assert not list(manifest.output_dir.rglob("tuning/mace"))
+    assert list(result.tuning["twin_seed"].unique()) == [6] and list(result.tuning["l2"]) == [1e-4, 1e-2] * 2
+    assert (result.tuning["setting"] == "tiny/sweep/share-0.5_interaction-0.75_seed-5").all()
+    for g in mech.settings(spec):
+        for fusion, ehr_repr, l2 in (("image_only", "none", 1e-4), ("ehr_only", "onehot", 1e-2)):
+            params = json.loads((manifest.output_dir / g.label / "runs/mace" / ehr_repr / fusion / "seed-0"
+                                 / "params.json").read_text())
+            assert params["options"]["l2"] == l2
+    # a record that cannot say what to keep is named
+    frame = pd.read_csv(first)
+    for change, message in ((lambda f: f.assign(task="pe"), r"tuning record of task\(s\) pe, not 'mace'"),
+                            (lambda f: f[f["fusion"] != "ehr_only"], r"one chosen penalty per strategy; none for ehr_only"),
+                            (lambda f: f.assign(l2=f["l2"] * 3), r"chosen penalties \[0.0003, 0.03\] are not in the study's grid"),
+                            (lambda f: f.drop(columns="chosen"), r"lacks column\(s\) chosen")):
+        change(frame).to_csv(tmp_path / "bad.csv", index=False)
+        with pytest.raises(ValueError, match=message):
+            mech.kept_choices(replace(spec, tuned_at=tmp_path / "bad.csv"))
+    with pytest.raises(FileNotFoundError, match=r"no tuning record"):
+        mech.kept_choices(replace(spec, tuned_at=tmp_path / "none.csv"))
 
 
 def test_the_tuning_setting_is_the_middle_share_at_the_default_interaction():
