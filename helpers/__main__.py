@@ -24,29 +24,31 @@ def _manifest_check(args: argparse.Namespace) -> int:
         from helpers.omop import connect, describe, source_label
 
         data = manifest.data
-        tables = data.omop.tables if data.source == "omop" else data.inspect.omop
-        con = connect(tables)
-        print(f"OMOP CDM source {source_label(tables)}:")
-        for row in describe(con):
-            absent = row["absent_cdm_columns"]
-            print(f"  {row['table']}: {row['rows']:,} rows, {row['columns']} columns"
-                  + (f" (without optional {', '.join(absent)})" if absent else ""))
-        con.close()
-        if data.source == "inspect":
+        sources = ([data.omop.tables] if data.source == "omop" else []) + ([data.inspect.omop] if data.inspect else [])
+        for tables in sources:
+            con = connect(tables)
+            print(f"OMOP CDM source {source_label(tables)}:")
+            for row in describe(con):
+                absent = row["absent_cdm_columns"]
+                print(f"  {row['table']}: {row['rows']:,} rows, {row['columns']} columns"
+                      + (f" (without optional {', '.join(absent)})" if absent else ""))
+            con.close()
+        if data.source == "omop":
+            for task, src in data.omop.imaging.items():
+                index = read_imaging_index(src.index)
+                print(f"imaging index of {task}: {len(index):,} studies of {index['person_id'].nunique():,} persons "
+                      f"({src.index})")
+        if data.inspect is not None:
             from helpers import inspect_release
 
             index = inspect_release.imaging_index(data.inspect.release)
             given = inspect_release.splits(data.inspect.release).value_counts()
             labels = inspect_release.labels(data.inspect.release).value_counts()
-            print(f"INSPECT release {data.inspect.release}: {len(index):,} studies of "
+            role = "the external cohort of pe" if data.source == "omop" else "the study's data"
+            print(f"INSPECT release {data.inspect.release} ({role}): {len(index):,} studies of "
                   f"{index['person_id'].nunique():,} persons; splits "
                   + ", ".join(f"{k} {v:,}" for k, v in given.items())
                   + "; 12-month mortality labels " + ", ".join(f"{k} {v:,}" for k, v in labels.items()))
-        else:
-            for task, src in data.omop.imaging.items():
-                index = read_imaging_index(src.index)
-                print(f"imaging index of {task}: {len(index):,} studies of {index['person_id'].nunique():,} persons "
-                      f"({src.index})")
     print("manifest OK")
     return 0
 

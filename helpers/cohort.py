@@ -22,7 +22,7 @@ import pandas as pd
 from helpers.concepts import matched_sql, resolve
 from helpers.imaging import IMAGING_INDEX_COLUMNS
 from helpers.manifest import Manifest, ManifestError
-from helpers.omop import CohortError, connect
+from helpers.omop import CohortError, connect, connect_union, source_label
 from helpers.tasks import Task, get_task
 from helpers.vocabulary import OMOP_TABLES
 
@@ -35,7 +35,10 @@ __all__ = [
     "CohortError",
     "connect_omop",
     "read_imaging_index",
-    "imaging_source",
+    "DataPart",
+    "task_parts",
+    "task_index",
+    "connect_task",
     "build_cohort",
     "assign_splits",
     "write_cohort",
@@ -109,28 +112,101 @@ def read_imaging_index(path: Path) -> pd.DataFrame:
     return frame
 
 
-def imaging_source(manifest: Manifest, task: str) -> tuple[Path, Path, Path]:
-    """``(omop_tables, imaging_index, imaging_root)`` for ``task`` under ``manifest``."""
-    if manifest.data.source == "synthetic":
+@dataclass(frozen=True)
+class DataPart:
+    """One source of a task's studies: its OMOP records (``omop``: a folder, DuckDB file or
+    ``postgresql://`` URL), its imaging index (``index``: the file, for messages; an INSPECT
+    release's ``study_mapping``) and the folder its ``image_path`` values are relative to
+    (``root``). ``inspect``: the part is an INSPECT release (``helpers.inspect_release``);
+    ``external``: every study of the part belongs to the external cohort; ``splits``: the
+    INSPECT splits kept (None: all)."""
+
+    omop: str | Path
+    index: Path
+    root: Path
+    inspect: bool = False
+    external: bool = False
+    splits: tuple[str, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"INSPECT release {self.root}" if self.inspect else f"imaging index {self.index}"
+
+
+def task_parts(manifest: Manifest, task: str) -> tuple[DataPart, ...]:
+    """Where ``task``'s studies come from under ``manifest``: the digital twin's folder; a
+    real OMOP source with the task's CT archive, and for ``pe`` INSPECT as its external cohort
+    when ``data.inspect`` is declared too; or an INSPECT release alone."""
+    data = manifest.data
+    if data.source == "synthetic":
         base = manifest.twin_dir / task
         if not (base / "twin.json").is_file():
             raise CohortError(f"{base}: no digital twin for task {task!r} at this setting; write it first "
                               f"(notebooks/00_twin.ipynb, or: snakemake {base / 'twin.json'})")
-        return base / "omop", base / "imaging_index.parquet", base
-    if manifest.data.source == "inspect":
+        return (DataPart(base / "omop", base / "imaging_index.parquet", base),)
+    inspect = None
+    if data.inspect is not None and task == "pe":
         from helpers.inspect_release import release_files
 
-        if task != "pe":
+        src = data.inspect
+        inspect = DataPart(src.omop, release_files(src.release)["study_mapping"], src.release, inspect=True,
+                           external=data.source == "omop", splits=tuple(src.splits) if src.splits else None)
+    if data.source == "inspect":
+        if inspect is None:
             raise ManifestError(f"{manifest.path}: data.source inspect holds the PE task only, not {task!r} "
                                 f"(run the workflow with --config tasks=pe)")
-        src = manifest.data.inspect
-        return src.omop, release_files(src.release)["study_mapping"], src.release
-    omop = manifest.data.omop
+        return (inspect,)
+    omop = data.omop
     assert omop is not None
     if task not in omop.imaging:
         raise ManifestError(f"{manifest.path}: data.omop.imaging.{task}: no CT archive declared for task {task!r}")
     src = omop.imaging[task]
-    return omop.tables, src.index, src.root
+    return (DataPart(omop.tables, src.index, src.root),) + ((inspect,) if inspect else ())
+
+
+def _part_index(part: DataPart) -> pd.DataFrame:
+    """``part``'s imaging index (``read_imaging_index``; INSPECT's study mapping) with
+    ``image_path`` made absolute under the part's root."""
+    if part.inspect:
+        from helpers.inspect_release import imaging_index
+
+        index = imaging_index(part.root)
+    else:
+        index = read_imaging_index(part.index)
+    index["image_path"] = [str(Path(part.root) / str(p)) for p in index["image_path"]]
+    return index
+
+
+def task_index(manifest: Manifest, task: str, offsets: tuple[int, ...] | None = None) -> pd.DataFrame:
+    """The imaging index of every part of ``task`` (``task_parts``), one frame with absolute
+    ``image_path`` values. ``offsets`` (from ``connect_task``): added to the ``person_id`` of
+    each part's studies, as ``helpers.omop.connect_union`` adds them to its records (a
+    ``person_id`` that is not an integer is left as it is, and the cohort step excludes it).
+    Two parts holding one ``study_id`` is a ``CohortError`` naming both."""
+    parts = task_parts(manifest, task)
+    frames = []
+    for k, part in enumerate(parts):
+        index = _part_index(part)
+        offset = offsets[k] if offsets else 0
+        if offset:
+            number = pd.to_numeric(index["person_id"], errors="coerce")
+            whole = number.notna() & (number == number.round())
+            index.loc[whole, "person_id"] = (number[whole].astype("int64") + offset).astype(str)
+        frames.append(index)
+    for k in range(1, len(frames)):
+        for j in range(k):
+            shared = sorted(set(frames[k]["study_id"]) & set(frames[j]["study_id"]))
+            if shared:
+                raise CohortError(f"{parts[j].label} and {parts[k].label}: {len(shared)} study_id(s) in both, e.g. "
+                                  f"{shared[0]!r}; the study ids of the two sources must differ")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+
+def connect_task(manifest: Manifest, task: str) -> tuple[duckdb.DuckDBPyConnection, tuple[int, ...]]:
+    """One DuckDB connection over the OMOP records of every part of ``task`` (``connect_omop``
+    for one; ``helpers.omop.connect_union`` for two: the second part's person and record ids
+    are offset), and the offsets, for ``task_index``."""
+    return connect_union([part.omop for part in task_parts(manifest, task)])
 
 
 def _outcomes(con: duckdb.DuckDBPyConnection, studies: pd.DataFrame, task: Task) -> pd.DataFrame:
@@ -408,8 +484,10 @@ def make_source(manifest: Manifest, task: str, *, progress: bool = False) -> dic
     Deciding *whether* to run is the workflow's business (Snakemake), not this function's."""
     get_task(task)
     if manifest.data.source != "synthetic":
-        tables, index, root = imaging_source(manifest, task)
-        return {"source": manifest.data.source, "tables": str(tables), "imaging_index": str(index)}
+        parts = task_parts(manifest, task)
+        return {"source": manifest.data.source,
+                "parts": [{"tables": source_label(p.omop), "imaging_index": str(p.index), "inspect": p.inspect,
+                           "external": p.external} for p in parts]}
     from helpers.twin import generate
 
     s = manifest.synthetic
@@ -451,36 +529,48 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
     from helpers.meds import omop_to_meds, write_meds
 
     get_task(task)
-    tables, index_path, imaging_root = imaging_source(manifest, task)
-    inspect = manifest.data.source == "inspect"
-    if inspect:
-        from helpers import inspect_release
-
-        index = inspect_release.imaging_index(imaging_root)
-    else:
-        index = read_imaging_index(index_path)
-    con = connect_omop(tables)
+    parts = task_parts(manifest, task)
+    inspect = next((p for p in parts if p.inspect), None)
+    con, offsets = connect_task(manifest, task)
     labels = None
     try:
+        index = task_index(manifest, task, offsets)
         rows = {t: int(con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in OMOP_TABLES}
-        built = build_cohort(con, index, task, imaging_root=imaging_root)
+        built = build_cohort(con, index, task, imaging_root=Path("/"))  # image paths are absolute
         sets = concept_set_report(con, task)
         sp = manifest.splits
         paths = cohort_paths(manifest, task)
-        if inspect:  # INSPECT's own splits, as given; its 12-month label only to check the outcome
-            cohort, exclusions = given_splits(built.cohort, inspect_release.splits(imaging_root), built.exclusions,
-                                              "not in INSPECT's splits file")
-            table, agreement = inspect_release.label_agreement(cohort, inspect_release.labels(imaging_root),
-                                                               get_task(task).horizon_days)
+        cohort, exclusions = built.cohort, built.exclusions
+        if inspect is not None:
+            from helpers import inspect_release
+
+            given = inspect_release.splits(inspect.root)
+            mine = cohort["institution"] == inspect_release.INSTITUTION
+            if not inspect.external:  # INSPECT alone: its own splits, as given
+                cohort, exclusions = given_splits(cohort, given, exclusions, "not in INSPECT's splits file")
+            elif inspect.splits is not None:  # INSPECT external: the splits the manifest names
+                named = {inspect_release.SPLIT_NAMES[s] for s in inspect.splits}
+                unlisted = mine & ~cohort["study_id"].isin(given.index)
+                other = mine & ~unlisted & ~cohort["study_id"].map(given).isin(named)
+                for mask, reason in ((unlisted, "not in INSPECT's splits file"),
+                                     (other, f"INSPECT split not among data.inspect.splits "
+                                             f"({', '.join(inspect.splits)})")):
+                    exclusions = pd.concat([exclusions, cohort.loc[mask, ["study_id", "institution"]].assign(
+                        reason=reason)], ignore_index=True)
+                cohort = cohort[~(unlisted | other)].reset_index(drop=True)
+        if inspect is None or inspect.external:
+            external = list(sp.external_institutions) + ([inspect_release.INSTITUTION] if inspect else [])
+            cohort = assign_splits(cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
+                                   external_institutions=external, seed=sp.seed)
+        if inspect is not None:  # INSPECT's 12-month label, only to check the derived outcome
+            table, agreement = inspect_release.label_agreement(
+                cohort[cohort["institution"] == inspect_release.INSTITUTION], inspect_release.labels(inspect.root),
+                get_task(task).horizon_days)
             labels = (table, agreement)
             paths["labels"].parent.mkdir(parents=True, exist_ok=True)
             table.to_csv(paths["labels"])
-        else:
-            cohort = assign_splits(built.cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
-                                   external_institutions=sp.external_institutions, seed=sp.seed)
-            exclusions = built.exclusions
         result = CohortResult(cohort=cohort, exclusions=exclusions)
-        summary = write_cohort(result, index, imaging_root, paths)
+        summary = write_cohort(result, index, Path("/"), paths)
         if labels is not None:
             summary["label_agreement"] = labels[1]
             paths["summary"].write_text(json.dumps(summary, indent=2))

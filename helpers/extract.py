@@ -140,11 +140,11 @@ def require_meds(manifest: Manifest, task: str) -> Path:
 def _imaging_of(manifest: Manifest, task: str, studies: list[str]) -> pd.DataFrame:
     """The CT files of ``studies`` from the imaging index itself (not the cohort's imaging
     table), indexed by study id, with absolute paths."""
-    _, index_path, root = hc.imaging_source(manifest, task)
-    imaging = hc.imaging_files(hc.read_imaging_index(index_path), root, studies).set_index("study_id")
+    imaging = hc.imaging_files(hc.task_index(manifest, task), Path("/"), studies).set_index("study_id")
     unknown = [s for s in studies if s not in imaging.index]
     if unknown:
-        raise EmbeddingError(f"parameter 'studies': {len(unknown)} studies are not in {index_path}, "
+        where = " or ".join(part.label for part in hc.task_parts(manifest, task))
+        raise EmbeddingError(f"parameter 'studies': {len(unknown)} studies are not in {where}, "
                              f"e.g. {', '.join(unknown[:5])}")
     return imaging.loc[studies]
 
@@ -187,8 +187,7 @@ def _ehr(manifest: Manifest, task: str, name: str, spec: EncoderSpec, cohort: pd
             raise ManifestError(f"{manifest.path}: encoders.ehr.{name}: the built-in EHR encoder is 'onehot'")
         from helpers.ehr import onehot_features
 
-        tables, _, _ = hc.imaging_source(manifest, task)
-        con = hc.connect_omop(tables)
+        con, _ = hc.connect_task(manifest, task)
         try:
             onehot = onehot_features(con, cohort, task)
         finally:
@@ -283,7 +282,7 @@ def extract(manifest: Manifest, task: str, modality: str, name: str, *, device: 
         else:
             studies = list(dict.fromkeys(map(str, studies)))
             cohort = pd.DataFrame({"study_id": studies})
-            imaging, source = _imaging_of(manifest, task, studies), hc.imaging_source(manifest, task)[1]
+            imaging, source = _imaging_of(manifest, task, studies), hc.task_parts(manifest, task)[0].index
         ids, embedding, tokens, metadata, stats = _image(manifest, task, name, spec, cohort, imaging, source,
                                                           device=device, batch_size=batch_size,
                                                           num_workers=num_workers, progress=progress,

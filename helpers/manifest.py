@@ -121,10 +121,17 @@ class InspectSource(_Strict):
     """The INSPECT release as downloaded (``helpers.inspect_release``): ``release`` is the
     folder with ``study_mapping_*.tsv``, ``labels_*.tsv``, ``splits_*.tsv`` and ``CTPA/``;
     ``omop`` its EHR as an OMOP CDM source (a folder of tables, a DuckDB file or a
-    ``postgresql://`` URL). Task ``pe`` only; INSPECT's own splits are used as given."""
+    ``postgresql://`` URL). Task ``pe`` only.
+
+    With ``data.source: inspect`` the study is INSPECT alone, on INSPECT's own splits as given.
+    With ``data.source: omop`` (the paper's design) INSPECT is the *external* cohort of task
+    ``pe``, next to the internal CT archive ``data.omop.imaging.pe``: the models train on the
+    internal source and INSPECT's studies are scored as ``external``; ``splits`` then names
+    the INSPECT splits whose studies are used (``train``, ``valid``, ``test``; default all)."""
 
     release: Path
     omop: str | Path
+    splits: list[Literal["train", "valid", "test"]] | None = None
 
 
 class DataSource(_Strict):
@@ -300,13 +307,22 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
     data = manifest.data
     if data.source == "synthetic" and data.synthetic is None:
         data = data.model_copy(update={"synthetic": SyntheticSource()})
-    if data.source == "inspect":
-        if data.inspect is None:
-            raise ManifestError(f"{path}: data.inspect: required when data.source is 'inspect'")
+    if data.source == "inspect" and data.inspect is None:
+        raise ManifestError(f"{path}: data.inspect: required when data.source is 'inspect'")
+    if data.inspect is not None:
         src = data.inspect
-        data = data.model_copy(update={"inspect": InspectSource(
-            release=_resolve(base, src.release),
-            omop=src.omop if is_url(src.omop) else _resolve(base, Path(src.omop)))})
+        if data.source == "synthetic":
+            raise ManifestError(f"{path}: data.inspect: only with data.source 'inspect' (INSPECT alone) or 'omop' "
+                                f"(INSPECT as the external cohort of pe), not with the digital twin")
+        if data.source == "inspect" and src.splits is not None:
+            raise ManifestError(f"{path}: data.inspect.splits: only when INSPECT is the external cohort (data.source "
+                                f"omop); alone, INSPECT's own splits are the study's train, validation and test")
+        if data.source == "omop" and data.omop is not None and "pe" not in data.omop.imaging:
+            raise ManifestError(f"{path}: data.inspect: INSPECT is the external cohort of task pe, which needs its "
+                                f"internal CT archive too; declare data.omop.imaging.pe")
+        data = data.model_copy(update={"inspect": src.model_copy(update={
+            "release": _resolve(base, src.release),
+            "omop": src.omop if is_url(src.omop) else _resolve(base, Path(src.omop))})})
     if data.source == "omop":
         if data.omop is None:
             raise ManifestError(f"{path}: data.omop: required when data.source is 'omop'")
@@ -340,9 +356,8 @@ def _resolved(manifest: Manifest, base: Path, path: Path) -> Manifest:
 def _verify(manifest: Manifest) -> None:
     path = manifest.path
     missing: list[str] = []
-    if manifest.data.source == "inspect":
+    if manifest.data.inspect is not None:
         src = manifest.data.inspect
-        assert src is not None
         if not src.release.is_dir():
             missing.append(f"data.inspect.release: {src.release} is not a folder")
         if not is_url(src.omop) and not Path(src.omop).exists():
@@ -456,6 +471,10 @@ def summary(manifest: Manifest) -> str:
         lines.append(f"data: OMOP CDM at {source_label(data.omop.tables)}")
         for task, src in data.omop.imaging.items():
             lines.append(f"  {task}: imaging index {src.index}, root {src.root}")
+        if data.inspect is not None:
+            lines.append(f"  pe external cohort: INSPECT release {data.inspect.release} ("
+                         + (f"splits {', '.join(data.inspect.splits)}" if data.inspect.splits else "every split")
+                         + f"), EHR at {source_label(data.inspect.omop)}")
     for modality in ("image", "ehr"):
         for name, spec in getattr(manifest.encoders, modality).items():
             if spec.path and spec.sha256:

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from helpers.vocabulary import OMOP_TABLES
 
-__all__ = ["CohortError", "OmopSourceError", "CDM_TYPES", "REQUIRED_COLUMNS", "OPTIONAL_TABLES", "connect",
+__all__ = ["CohortError", "OmopSourceError", "CDM_TYPES", "REQUIRED_COLUMNS", "OPTIONAL_TABLES", "connect", "connect_union",
            "describe", "is_url", "source_label", "scratch_postgres", "load_into_postgres"]
 
 
@@ -189,13 +189,14 @@ def _cast(column: str, target: str, source_type: str) -> tuple[str, str | None]:
 
 
 def _typed(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str, *, names: list[str] | None = None,
-           materialize: bool = False) -> None:
-    """``CREATE VIEW`` (or ``TABLE``, ``materialize``) ``<table>`` over the relation ``source``
-    with lower-case column names and the CDM types; ``where`` names the source in errors;
-    ``names``: the source's own column names where DuckDB renames a pair on read (parquet)."""
+           materialize: bool = False, schema: str = "main") -> None:
+    """``CREATE VIEW`` (or ``TABLE``, ``materialize``) ``<schema>.<table>`` over the relation
+    ``source`` with lower-case column names and the CDM types; ``where`` names the source in
+    errors; ``names``: the source's own column names where DuckDB renames a pair on read
+    (parquet)."""
     raw = None
     if materialize:  # read the source once: into a raw table, checked and cast from there
-        raw = f"_raw_{table}"
+        raw = f"_raw_{schema}_{table}"
         con.execute(f"CREATE TEMP TABLE {raw} AS SELECT * FROM {source}")
         source = raw
     described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
@@ -232,7 +233,7 @@ def _typed(con: duckdb.DuckDBPyConnection, table: str, source: str, where: str, 
                     f"{where}: table {table!r}, column {column!r}: {count} value(s) cannot be read as {target} "
                     f"(OMOP CDM v5.4 type), e.g. {str(example)!r}")
     kind = "TABLE" if materialize else "VIEW"
-    con.execute(f"CREATE {kind} {table} AS SELECT {', '.join(select)} FROM {source}")
+    con.execute(f"CREATE {kind} {schema}.{table} AS SELECT {', '.join(select)} FROM {source}")
     if raw is not None:
         con.execute(f"DROP TABLE {raw}")
 
@@ -274,7 +275,7 @@ def _check_header(path: Path) -> None:
             raise OmopSourceError(f"{path}: empty, or its first line is blank; expected a header line")
 
 
-def _open_folder(folder: Path, con: duckdb.DuckDBPyConnection, *, materialize: bool = False) -> None:
+def _open_folder(folder: Path, con: duckdb.DuckDBPyConnection, schema: str, *, materialize: bool = False) -> None:
     files = _files(folder)
     missing = [t for t in OMOP_TABLES if t not in files]
     if missing:
@@ -286,27 +287,28 @@ def _open_folder(folder: Path, con: duckdb.DuckDBPyConnection, *, materialize: b
             _check_header(path)
         try:
             _typed(con, table, _reader(path), str(path), names=pq.read_schema(path).names if parquet else None,
-                   materialize=materialize or not parquet)
+                   materialize=materialize or not parquet, schema=schema)
         except duckdb.Error as err:
             raise OmopSourceError(f"{path}: cannot be read as table {table!r}: {err}") from None
 
 
-def _open_duckdb(path: Path, con: duckdb.DuckDBPyConnection) -> None:
+def _open_duckdb(path: Path, con: duckdb.DuckDBPyConnection, schema: str) -> None:
+    alias = f"omop_source_{schema}"
     try:
-        con.execute(f"ATTACH {_text(path.as_posix())} AS omop_source (READ_ONLY)")
+        con.execute(f"ATTACH {_text(path.as_posix())} AS {alias} (READ_ONLY)")
     except duckdb.Error as err:
         raise OmopSourceError(f"{path}: not a DuckDB database ({err})") from None
     present = {row[0].lower(): row[0] for row in con.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'omop_source'").fetchall()}
+        f"SELECT table_name FROM information_schema.tables WHERE table_catalog = '{alias}'").fetchall()}
     missing = [t for t in OMOP_TABLES if t not in present]
     if missing:
         raise OmopSourceError(f"{path}: OMOP table(s) missing from the database: {', '.join(missing)}")
     for table in OMOP_TABLES + OPTIONAL_TABLES:
         if table in present:
-            _typed(con, table, f"omop_source.{_quoted(present[table])}", f"{path}")
+            _typed(con, table, f"{alias}.{_quoted(present[table])}", f"{path}", schema=schema)
 
 
-def _open_postgres(url: str, con: duckdb.DuckDBPyConnection) -> None:
+def _open_postgres(url: str, con: duckdb.DuckDBPyConnection, schema: str) -> None:
     try:
         import psycopg
     except ImportError:  # pragma: no cover - a pinned dependency
@@ -340,7 +342,8 @@ def _open_postgres(url: str, con: duckdb.DuckDBPyConnection) -> None:
                     for chunk in copy:
                         handle.write(chunk)
                 try:
-                    _typed(con, table, _reader(path), f"{label} table {present[table]}", materialize=True)
+                    _typed(con, table, _reader(path), f"{label} table {present[table]}", materialize=True,
+                           schema=schema)
                 except duckdb.Error as err:
                     raise OmopSourceError(f"{label}: table {present[table]!r} cannot be read: {err}") from None
     finally:
@@ -356,26 +359,110 @@ def connect(source: str | Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     try:
-        if is_url(source):
-            _open_postgres(str(source), con)
-            return con
-        path = Path(source)
-        if path.is_dir():
-            _open_folder(path, con)
-        elif path.is_file():
-            _open_duckdb(path, con)
-        else:
-            raise OmopSourceError(f"{path}: no such folder, DuckDB file or postgresql:// URL")
+        _open(source, con, "main")
     except BaseException:
         con.close()
         raise
     return con
 
 
+def _open(source: str | Path, con: duckdb.DuckDBPyConnection, schema: str) -> None:
+    if is_url(source):
+        _open_postgres(str(source), con, schema)
+        return
+    path = Path(source)
+    if path.is_dir():
+        _open_folder(path, con, schema)
+    elif path.is_file():
+        _open_duckdb(path, con, schema)
+    else:
+        raise OmopSourceError(f"{path}: no such folder, DuckDB file or postgresql:// URL")
+
+
+# The vocabulary tables of a union, each keyed by what makes a row one fact: a later source
+# adds only the rows whose key the earlier ones lack (two exports of one vocabulary agree).
+_VOCABULARY_KEYS: dict[str, tuple[str, ...]] = {
+    "concept": ("concept_id",),
+    "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
+    "concept_relationship": ("concept_id_1", "concept_id_2", "relationship_id"),
+}
+
+
+def _row_id_columns(con: duckdb.DuckDBPyConnection, relation: str) -> list[str]:
+    """The id columns of ``relation`` that name a person or a record (``person_id``,
+    ``visit_occurrence_id``, ``measurement_id``, ...), not a concept."""
+    return [row[0] for row in con.execute(f"DESCRIBE {relation}").fetchall()
+            if row[0].endswith("_id") and not row[0].endswith("concept_id") and row[1] == "BIGINT"]
+
+
+def connect_union(sources: list[str | Path] | tuple[str | Path, ...]) -> tuple[duckdb.DuckDBPyConnection, tuple[int, ...]]:
+    """One in-memory DuckDB connection over several OMOP sources (each read as ``connect``
+    reads one, into its own schema ``src<k>``), and the offset added to the person and record
+    ids of each. Every clinical table is the union of the sources' tables (columns by name; one
+    source's optional column is null in the others), with the ``k``-th source's ids of persons
+    and records (every ``*_id`` column but the concept ids) raised by ``k * step``, where
+    ``step`` is the smallest power of ten above every such id of every source: two institutions
+    that both number their patients from 1 stay two sets of patients. The vocabulary tables are
+    the first source's rows plus the rows of later ones whose key it lacks (``concept_id``; the
+    concept pair of ``concept_ancestor``; pair and relationship of ``concept_relationship``).
+    One source gives ``connect(source)`` and offset 0. An offset that would overflow a 64-bit
+    id is an ``OmopSourceError``. The imaging index of the ``k``-th source must add the same
+    offset to its ``person_id`` (``helpers.cohort.task_index``)."""
+    sources = list(sources)
+    if not sources:
+        raise ValueError("parameter 'sources': expected at least one OMOP source")
+    if len(sources) == 1:
+        return connect(sources[0]), (0,)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    try:
+        for k, source in enumerate(sources):
+            con.execute(f"CREATE SCHEMA src{k}")
+            _open(source, con, f"src{k}")
+        present = {(row[0], row[1]) for row in con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables").fetchall()}
+        clinical = [t for t in OMOP_TABLES if t not in _VOCABULARY_KEYS]
+        largest = 0
+        ids: dict[tuple[int, str], list[str]] = {}
+        for k in range(len(sources)):
+            for table in clinical:
+                ids[k, table] = _row_id_columns(con, f"src{k}.{table}")
+                if ids[k, table]:
+                    value = con.execute(f"SELECT max(greatest({', '.join(f'abs({_quoted(c)})' for c in ids[k, table])})) "
+                                        f"FROM src{k}.{table}").fetchall()[0][0]
+                    largest = max(largest, int(value or 0))
+        step = 10 ** len(str(largest))
+        if (len(sources) - 1) * step + largest >= 2 ** 63:
+            raise OmopSourceError(f"{', '.join(map(source_label, sources))}: ids up to {largest} leave no room to keep "
+                                  f"{len(sources)} sources' persons apart in 64-bit ids")
+        offsets = tuple(k * step for k in range(len(sources)))
+        for table in clinical:
+            parts = []
+            for k in range(len(sources)):
+                moved = ", ".join(f"{_quoted(c)} + {offsets[k]} AS {_quoted(c)}" for c in ids[k, table])
+                parts.append(f"SELECT * {f'REPLACE ({moved}) ' if moved and offsets[k] else ''}FROM src{k}.{table}")
+            con.execute(f"CREATE VIEW main.{table} AS " + " UNION ALL BY NAME ".join(parts))
+        for table, key in _VOCABULARY_KEYS.items():
+            have = [k for k in range(len(sources)) if (f"src{k}", table) in present]
+            if not have:
+                continue
+            parts = []
+            for n, k in enumerate(have):
+                earlier = " AND ".join(f"NOT EXISTS (SELECT 1 FROM src{j}.{table} e WHERE "
+                                       + " AND ".join(f"e.{c} = t.{c}" for c in key) + ")" for j in have[:n])
+                parts.append(f"SELECT t.* FROM src{k}.{table} t" + (f" WHERE {earlier}" if earlier else ""))
+            con.execute(f"CREATE VIEW main.{table} AS " + " UNION ALL BY NAME ".join(parts))
+    except BaseException:
+        con.close()
+        raise
+    return con, offsets
+
+
 def describe(con: duckdb.DuckDBPyConnection) -> list[dict]:
     """Per OMOP table of ``con`` (``connect``): its name, row count and the optional CDM columns
     it lacks (of ``CDM_TYPES``), in ``OMOP_TABLES`` order, then the optional tables present."""
-    present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    present = {row[0] for row in con.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
     rows = []
     for table in OMOP_TABLES + OPTIONAL_TABLES:
         if table not in present:

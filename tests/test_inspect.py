@@ -82,6 +82,7 @@ def release(tmp_path_factory):
 
 
 def _manifest(folder: Path, release: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "data_manifest.yaml"
     path.write_text(yaml.safe_dump({
         "version": 1,
@@ -172,7 +173,7 @@ def test_manifest_check_opens_the_sources(release, tmp_path, capsys):
     out = capsys.readouterr().out
     persons = len(pd.read_parquet(release["twin"] / "omop" / "person.parquet"))
     assert f"  person: {persons:,} rows" in out and "concept_ancestor:" in out
-    assert f"INSPECT release {release['release']}: {len(release['index']):,} studies" in out
+    assert f"INSPECT release {release['release']} (the study's data): {len(release['index']):,} studies" in out
     assert "splits train" in out and "manifest OK" in out
     (release["release"] / "omop" / "DEATH.csv").rename(tmp_path / "DEATH.csv")
     try:
@@ -180,3 +181,137 @@ def test_manifest_check_opens_the_sources(release, tmp_path, capsys):
         assert "OMOP table file(s) missing: death" in capsys.readouterr().err
     finally:
         (tmp_path / "DEATH.csv").rename(release["release"] / "omop" / "DEATH.csv")
+
+
+# ------------------------------------------- INSPECT as the external cohort of an internal source
+
+def _mixed_manifest(folder: Path, release: Path, internal: Path, **inspect) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "data_manifest.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1,
+        "data": {"source": "omop",
+                 "omop": {"tables": str(internal / "omop"),
+                          "imaging": {"pe": {"index": str(internal / "imaging_index.parquet"), "root": str(internal)}}},
+                 "inspect": {"release": str(release), "omop": str(release / "omop"), **inspect}},
+        "encoders": {"image": {"randconv": {"kind": "builtin"}}, "ehr": {"onehot": {"kind": "builtin"}}},
+        "splits": {"external_institutions": []},
+        "output_dir": str(folder / "out"),
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def internal(tmp_path_factory):
+    """Another tiny twin as the internal OMOP source: its persons are numbered like INSPECT's."""
+    root = tmp_path_factory.mktemp("internal")
+    generate(root, profile="tiny", seed=13, tasks=("pe",))
+    return root / "pe"
+
+
+def test_inspect_is_the_external_cohort_of_an_internal_omop_source(release, internal, tmp_path):
+    from helpers.cohort import connect_task, make_cohort, task_parts
+    from helpers.ehr import onehot_features
+    from helpers.manifest import load
+
+    both_persons = set(pd.read_parquet(internal / "omop" / "person.parquet")["person_id"]) & set(
+        pd.read_parquet(release["twin"] / "omop" / "person.parquet")["person_id"])
+    assert both_persons  # the two sources number their persons alike: the union must keep them apart
+    mixed = load(_mixed_manifest(tmp_path / "mixed", release["release"], internal), verify=False)
+    alone_internal = load(_mixed_manifest(tmp_path / "internal", release["release"], internal), verify=False)
+    alone_internal = alone_internal.model_copy(update={"data": alone_internal.data.model_copy(update={"inspect": None})})
+    alone_inspect = load(_manifest(tmp_path / "inspect", release["release"]), verify=False)
+    assert [p.inspect for p in task_parts(mixed, "pe")] == [False, True]
+    built = make_cohort(mixed, "pe", meds=True)
+    cohort = built.result.cohort
+    ours = cohort[cohort["institution"] != ir.INSTITUTION]
+    theirs = cohort[cohort["institution"] == ir.INSTITUTION].set_index("study_id")
+    # the internal studies and their splits are those of the internal source alone, row for row
+    reference = make_cohort(alone_internal, "pe", meds=False).result.cohort
+    pd.testing.assert_frame_equal(ours.reset_index(drop=True), reference.reset_index(drop=True),
+                                  check_dtype=False)  # index_time: ns after joining INSPECT's, us alone
+    assert set(ours["split"]) == {"train", "val", "test"}
+    # every INSPECT study is external, with the outcome INSPECT alone gives it; the two studies
+    # without an INSPECT split are kept (every split is used by default)
+    assert (theirs["split"] == "external").all()
+    inspect_alone = make_cohort(alone_inspect, "pe", meds=False).result.cohort.set_index("study_id")
+    assert len(theirs) == len(inspect_alone) + 2
+    common = inspect_alone.index
+    pd.testing.assert_frame_equal(theirs.loc[common, ["time", "event", "index_time"]],
+                                  inspect_alone[["time", "event", "index_time"]])
+    # INSPECT's persons are offset past every id of the internal source, and no person is in both
+    con, offsets = connect_task(mixed, "pe")
+    try:
+        assert offsets[0] == 0 and offsets[1] > max(int(p) for p in ours["person_id"])
+        moved = theirs.loc[common, "person_id"].astype(int) - offsets[1]
+        assert (moved.to_numpy() == inspect_alone["person_id"].astype(int).to_numpy()).all()
+        assert not set(ours["person_id"]) & set(theirs["person_id"])
+        assert (theirs["person_id"].astype(int) > offsets[1]).all()
+        # the one-hot features of every study are those its own source gives it
+        mixed_features = onehot_features(con, cohort, "pe").features.set_index("study_id")
+    finally:
+        con.close()
+    con, _ = connect_task(alone_inspect, "pe")
+    try:
+        inspect_features = onehot_features(con, inspect_alone.reset_index(), "pe").features.set_index("study_id")
+    finally:
+        con.close()
+    con, _ = connect_task(alone_internal, "pe")
+    try:
+        internal_features = onehot_features(con, reference, "pe").features.set_index("study_id")
+    finally:
+        con.close()
+    pd.testing.assert_frame_equal(mixed_features.loc[inspect_features.index], inspect_features)
+    pd.testing.assert_frame_equal(mixed_features.loc[internal_features.index], internal_features)
+    assert mixed_features.loc[inspect_features.index].to_numpy().any()
+    # the MEDS export holds both sources' persons, INSPECT's as external subjects
+    splits = pd.read_parquet(built.meds / "metadata" / "subject_splits.parquet")
+    assert set(splits.loc[splits["split"] == "external", "subject_id"].astype(str)) == set(theirs["person_id"])
+    subjects = set(pd.read_parquet(built.meds / "data").get("subject_id").astype(str))
+    assert set(theirs["person_id"]) <= subjects and set(ours["person_id"]) <= subjects
+    # INSPECT's label is compared on INSPECT's studies only
+    assert built.labels[1]["studies"] == len(theirs)
+    assert built.summary["label_agreement"]["agreement"] < 1
+
+
+def test_inspect_external_keeps_the_splits_the_manifest_names(release, internal, tmp_path):
+    from helpers.cohort import make_cohort
+    from helpers.manifest import load
+
+    mixed = load(_mixed_manifest(tmp_path, release["release"], internal, splits=["test"]), verify=False)
+    built = make_cohort(mixed, "pe", meds=False)
+    cohort, exclusions = built.result.cohort, built.result.exclusions
+    given = release["split"].iloc[:-2].set_index("impression_id")["split"]  # the splits file's rows
+    theirs = cohort[cohort["institution"] == ir.INSTITUTION]
+    assert len(theirs) and (given.loc[theirs["study_id"]] == "test").all()
+    reasons = exclusions[exclusions["institution"] == ir.INSTITUTION].set_index("study_id")["reason"]
+    assert (reasons == "not in INSPECT's splits file").sum() == 2
+    # every INSPECT study is in the cohort or excluded once, and a study of another split is
+    # excluded as such unless the cohort step excluded it first for a reason of its own
+    assert set(theirs["study_id"]) | set(reasons.index) == set(release["impressions"])
+    assert not set(theirs["study_id"]) & set(reasons.index)
+    not_among = reasons[reasons == "INSPECT split not among data.inspect.splits (test)"]
+    assert len(not_among) and (given.loc[not_among.index] != "test").all()
+    first = reasons[~reasons.index.isin(not_among.index) & (reasons != "not in INSPECT's splits file")]
+    assert set(given[given != "test"].index) == set(not_among.index) | set(first.index[given.reindex(first.index) != "test"])
+
+
+def test_the_manifest_places_inspect_where_it_can_be(release, internal, tmp_path):
+    from helpers.manifest import ManifestError, load
+
+    path = _mixed_manifest(tmp_path, release["release"], internal)
+    text = yaml.safe_load(path.read_text())
+    del text["data"]["omop"]["imaging"]["pe"]
+    text["data"]["omop"]["imaging"]["mace"] = {"index": str(internal / "imaging_index.parquet"), "root": str(internal)}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ManifestError, match=r"INSPECT is the external cohort of task pe.*data.omop.imaging.pe"):
+        load(path, verify=False)
+    text["data"] = {"source": "synthetic", "inspect": {"release": str(release["release"]), "omop": "x"}}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ManifestError, match=r"data.inspect: only with data.source 'inspect'.*or 'omop'"):
+        load(path, verify=False)
+    text["data"] = {"source": "inspect", "inspect": {"release": str(release["release"]), "omop": "x",
+                                                     "splits": ["test"]}}
+    path.write_text(yaml.safe_dump(text))
+    with pytest.raises(ManifestError, match=r"data.inspect.splits: only when INSPECT is the external cohort"):
+        load(path, verify=False)

@@ -177,3 +177,51 @@ def test_postgresql_gives_the_parquet_cohort_row_for_row(twin, postgres, tmp_pat
         connect(postgres)
     with pytest.raises(OmopSourceError, match=r"cannot connect to PostgreSQL"):
         connect(f"postgresql://study@/postgres?host={tmp_path}")
+
+
+def test_a_union_of_sources_keeps_their_persons_and_records_apart(twin, tmp_path):
+    from helpers.omop import connect_union
+
+    # the same tables twice, once from a DuckDB file: ids collide everywhere, vocabularies agree
+    database = tmp_path / "omop.duckdb"
+    con = duckdb.connect(str(database))
+    for table in TABLES:
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{twin / 'omop' / f'{table}.parquet'}')")
+    con.close()
+    union, offsets = connect_union([twin / "omop", database])
+    single = connect(twin / "omop")
+    try:
+        largest = max(int(single.execute(f"SELECT max(person_id) FROM {t}").fetchall()[0][0] or 0) for t in ("person", "death"))
+        assert offsets[0] == 0 and offsets[1] > largest and offsets[1] == 10 ** len(str(offsets[1] - 1))
+        for table in OMOP_TABLES:
+            n = single.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            both = union.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            # clinical tables hold both copies; the vocabulary holds one (the second adds nothing new)
+            assert both == (n if table == "concept" else 2 * n), table
+        for table in VOCABULARY_TABLES:
+            assert (union.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+                    == single.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0])
+        persons = union.execute("SELECT count(DISTINCT person_id) FROM person").fetchall()[0][0]
+        assert persons == 2 * single.execute("SELECT count(*) FROM person").fetchall()[0][0]
+        ids = union.execute("SELECT count(DISTINCT measurement_id), count(*) FROM measurement").fetchall()[0]
+        assert ids[0] == ids[1]
+        # concept ids are not offset: the second copy's records keep their concepts
+        assert union.execute(f"SELECT count(*) FROM condition_occurrence WHERE person_id >= {offsets[1]} "
+                             "AND condition_concept_id IN (SELECT concept_id FROM concept)").fetchall()[0][0] > 0
+        # the second copy's cohort, through offset persons, is the first's
+        index = hc.read_imaging_index(twin / "imaging_index.parquet")
+        moved = index.assign(person_id=(index["person_id"].astype(int) + offsets[1]).astype(str),
+                             study_id="b-" + index["study_id"])
+        got = hc.build_cohort(union, moved, "pe", imaging_root=twin, check_files=False).cohort
+        expected = hc.build_cohort(single, index, "pe", imaging_root=twin, check_files=False).cohort
+        pd.testing.assert_frame_equal(got[["time", "event"]], expected[["time", "event"]])
+    finally:
+        union.close()
+        single.close()
+    # ids so large that an offset would overflow are refused, naming the sources
+    huge = _copy_tables(twin, tmp_path / "huge")
+    person = pd.read_parquet(huge / "person.parquet")
+    person.loc[0, "person_id"] = 5 * 10 ** 18
+    person.to_parquet(huge / "person.parquet")
+    with pytest.raises(OmopSourceError, match=r"huge.*ids up to 5000000000000000000 leave no room"):
+        connect_union([huge, twin / "omop"])
