@@ -168,6 +168,6 @@ def test_studies_are_only_for_an_image_encoder_and_must_be_in_the_index(tmp_path
                   "institution": "site_a", "study_datetime": pd.Timestamp("2020-01-01"),
                   "image_path": [f"images/s{i}.nii.gz" for i in range(6)], "image_format": "nifti"},
                  ).to_parquet(twin / "imaging_index.parquet", index=False)
-    with pytest.raises(EmbeddingError, match=r"parameter 'studies': 1 studies are not in \S*imaging_index.parquet, "
+    with pytest.raises(EmbeddingError, match=r"parameter 'studies': 1 studies are not in imaging index \S*imaging_index.parquet, "
                                              r"e.g. nowhere"):
         extract(m, "pe", "image", "randconv", studies=["s0", "nowhere"])
