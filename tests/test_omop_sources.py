@@ -83,12 +83,18 @@ def test_every_table_is_cast_to_the_cdm_types(twin, tmp_path):
     assert rows["person"] == len(pd.read_parquet(twin / "omop" / "person.parquet"))
 
 
-def test_a_duckdb_file_gives_the_parquet_cohort(twin, tmp_path):
-    database = tmp_path / "omop.duckdb"
+def _duckdb_file(twin: Path, database: Path, *, upper: bool = False) -> Path:
+    """The twin's tables in a DuckDB database file (table names upper-case with ``upper``)."""
     con = duckdb.connect(str(database))
     for table in TABLES:
-        con.execute(f"CREATE TABLE {table.upper()} AS SELECT * FROM read_parquet('{twin / 'omop' / f'{table}.parquet'}')")
+        name = table.upper() if upper else table
+        con.execute(f"CREATE TABLE {name} AS SELECT * FROM read_parquet('{twin / 'omop' / f'{table}.parquet'}')")
     con.close()
+    return database
+
+
+def test_a_duckdb_file_gives_the_parquet_cohort(twin, tmp_path):
+    database = _duckdb_file(twin, tmp_path / "omop.duckdb", upper=True)
     expected = _cohort_and_features(twin / "omop", twin)
     got = _cohort_and_features(database, twin)
     pd.testing.assert_frame_equal(got[0], expected[0])
@@ -183,11 +189,7 @@ def test_a_union_of_sources_keeps_their_persons_and_records_apart(twin, tmp_path
     from helpers.omop import connect_union
 
     # the same tables twice, once from a DuckDB file: ids collide everywhere, vocabularies agree
-    database = tmp_path / "omop.duckdb"
-    con = duckdb.connect(str(database))
-    for table in TABLES:
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet('{twin / 'omop' / f'{table}.parquet'}')")
-    con.close()
+    database = _duckdb_file(twin, tmp_path / "omop.duckdb")
     union, offsets = connect_union([twin / "omop", database])
     single = connect(twin / "omop")
     try:
