@@ -45,10 +45,12 @@ def _manifest_check(args: argparse.Namespace) -> int:
             given = inspect_release.splits(data.inspect.release).value_counts()
             labels = inspect_release.labels(data.inspect.release).value_counts()
             role = "the external cohort of pe" if data.source == "omop" else "the study's data"
+            pe = (f"; a PE on {int(inspect_release.pe_positive(data.inspect.release).sum()):,} CTPAs (the cohort "
+                  f"keeps those)" if data.inspect.pe_positive_only else "")
             print(f"INSPECT release {data.inspect.release} ({role}): {len(index):,} studies of "
                   f"{index['person_id'].nunique():,} persons; splits "
                   + ", ".join(f"{k} {v:,}" for k, v in given.items())
-                  + "; 12-month mortality labels " + ", ".join(f"{k} {v:,}" for k, v in labels.items()))
+                  + "; 12-month mortality labels " + ", ".join(f"{k} {v:,}" for k, v in labels.items()) + pe)
     print("manifest OK")
     return 0
 

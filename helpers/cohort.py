@@ -119,7 +119,8 @@ class DataPart:
     release's ``study_mapping``) and the folder its ``image_path`` values are relative to
     (``root``). ``inspect``: the part is an INSPECT release (``helpers.inspect_release``);
     ``external``: every study of the part belongs to the external cohort; ``splits``: the
-    INSPECT splits kept (None: all)."""
+    INSPECT splits kept (None: all); ``pe_positive_only``: only the INSPECT studies whose
+    report shows a PE."""
 
     omop: str | Path
     index: Path
@@ -127,6 +128,7 @@ class DataPart:
     inspect: bool = False
     external: bool = False
     splits: tuple[str, ...] | None = None
+    pe_positive_only: bool = False
 
     @property
     def label(self) -> str:
@@ -150,7 +152,8 @@ def task_parts(manifest: Manifest, task: str) -> tuple[DataPart, ...]:
 
         src = data.inspect
         inspect = DataPart(src.omop, release_files(src.release)["study_mapping"], src.release, inspect=True,
-                           external=data.source == "omop", splits=tuple(src.splits) if src.splits else None)
+                           external=data.source == "omop", splits=tuple(src.splits) if src.splits else None,
+                           pe_positive_only=src.pe_positive_only)
     if data.source == "inspect":
         if inspect is None:
             raise ManifestError(f"{manifest.path}: data.source inspect holds the PE task only, not {task!r} "
@@ -496,7 +499,7 @@ def make_source(manifest: Manifest, task: str, *, progress: bool = False) -> dic
     return json.loads((manifest.twin_dir / task / "twin.json").read_text())
 
 
-__all__ += ["make_source", "imaging_files"]
+__all__ += ["make_source", "imaging_files", "inspect_selection"]
 
 
 # EHR encoder kinds that read the records as MEDS timelines (helpers.meds).
@@ -541,23 +544,10 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
         sp = manifest.splits
         paths = cohort_paths(manifest, task)
         cohort, exclusions = built.cohort, built.exclusions
-        if inspect is not None:
+        if inspect is not None:  # its PE label and splits
             from helpers import inspect_release
 
-            given = inspect_release.splits(inspect.root)
-            mine = cohort["institution"] == inspect_release.INSTITUTION
-            if not inspect.external:  # INSPECT alone: its own splits, as given
-                cohort, exclusions = given_splits(cohort, given, exclusions, "not in INSPECT's splits file")
-            elif inspect.splits is not None:  # INSPECT external: the splits the manifest names
-                named = {inspect_release.SPLIT_NAMES[s] for s in inspect.splits}
-                unlisted = mine & ~cohort["study_id"].isin(given.index)
-                other = mine & ~unlisted & ~cohort["study_id"].map(given).isin(named)
-                for mask, reason in ((unlisted, "not in INSPECT's splits file"),
-                                     (other, f"INSPECT split not among data.inspect.splits "
-                                             f"({', '.join(inspect.splits)})")):
-                    exclusions = pd.concat([exclusions, cohort.loc[mask, ["study_id", "institution"]].assign(
-                        reason=reason)], ignore_index=True)
-                cohort = cohort[~(unlisted | other)].reset_index(drop=True)
+            cohort, exclusions = inspect_selection(cohort, exclusions, inspect)
         if inspect is None or inspect.external:
             external = list(sp.external_institutions) + ([inspect_release.INSTITUTION] if inspect else [])
             cohort = assign_splits(cohort, test_fraction=sp.test_fraction[task], val_fraction=sp.val_fraction,
@@ -588,6 +578,41 @@ def make_cohort(manifest: Manifest, task: str, *, meds: bool | None = None) -> C
         con.close()
     return CohortBuild(result=result, summary=summary, table_rows=rows, paths=paths, meds=folder, concept_sets=sets,
                        labels=labels)
+
+
+def inspect_selection(cohort: pd.DataFrame, exclusions: pd.DataFrame,
+                      part: DataPart) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The INSPECT studies of ``cohort`` that ``part`` keeps, the others moved to ``exclusions``
+    with their reason: with ``pe_positive_only``, a study whose report shows no PE
+    (``helpers.inspect_release.PE_LABEL``) or that has no label; INSPECT alone, a study
+    without a split gets none (``given_splits``: INSPECT's splits as given); INSPECT as the
+    external cohort with ``splits``, a study of another split. Other studies stay as they are."""
+    from helpers import inspect_release
+
+    mine = cohort["institution"] == inspect_release.INSTITUTION
+    drops: list[tuple[pd.Series, str]] = []
+    if part.pe_positive_only:
+        positive = inspect_release.pe_positive(part.root)
+        label = cohort["study_id"].map(positive)
+        drops += [(mine & label.isna(), f"no {inspect_release.PE_LABEL} label in INSPECT's labels file"),
+                  (mine & (label == False), "no PE on the CTPA (INSPECT's pe_positive_nlp label)")]  # noqa: E712
+    given = inspect_release.splits(part.root)
+    if part.external and part.splits is not None:
+        named = {inspect_release.SPLIT_NAMES[s] for s in part.splits}
+        split = cohort["study_id"].map(given)
+        drops += [(mine & split.isna(), "not in INSPECT's splits file"),
+                  (mine & split.notna() & ~split.isin(named),
+                   f"INSPECT split not among data.inspect.splits ({', '.join(part.splits)})")]
+    taken = pd.Series(False, index=cohort.index)
+    for mask, reason in drops:
+        mask = mask.fillna(False).astype(bool) & ~taken
+        exclusions = pd.concat([exclusions, cohort.loc[mask, ["study_id", "institution"]].assign(reason=reason)],
+                               ignore_index=True)
+        taken |= mask
+    cohort = cohort[~taken].reset_index(drop=True)
+    if not part.external:  # INSPECT alone: its own splits, as given
+        cohort, exclusions = given_splits(cohort, given, exclusions, "not in INSPECT's splits file")
+    return cohort, exclusions
 
 
 def given_splits(cohort: pd.DataFrame, given: pd.Series, exclusions: pd.DataFrame,

@@ -3,7 +3,8 @@
 A release folder (``data.inspect.release`` in the manifest) holds::
 
     study_mapping_<date>.tsv   impression_id, person_id, image_id, procedure_DATETIME
-    labels_<date>.tsv          impression_id and one column per label (12_month_mortality, ...)
+    labels_<date>.tsv          impression_id and one column per label (pe_positive_nlp,
+                               12_month_mortality, ...)
     splits_<date>.tsv          impression_id, split (train, valid, test)
     CTPA/<image_id>.nii.gz     the CT volumes
 
@@ -11,6 +12,8 @@ and its EHR is an OMOP CDM source (``data.inspect.omop``: any source ``helpers.o
 Column names are read in any case. ``imaging_index`` turns the study mapping into the study's
 imaging index (one study per ``impression_id``, ``institution`` ``inspect``); ``splits``
 gives INSPECT's own splits (``valid`` is the study's validation split), used as they are;
+``pe_positive`` INSPECT's label of a PE on the CTPA (``pe_positive_nlp``, from the report),
+with which the cohort keeps the studies with a PE, as the paper's external cohort does;
 ``label_agreement`` compares the 12-month mortality derived from the death and observation
 records with INSPECT's label (``TRUE``, ``FALSE`` or ``Censored``), which the study never trains
 on. Every file problem is an ``InspectError`` naming the file and the column.
@@ -24,10 +27,12 @@ import pandas as pd
 
 from helpers.omop import CohortError
 
-__all__ = ["InspectError", "INSTITUTION", "release_files", "imaging_index", "splits", "labels",
-           "label_agreement", "SPLIT_NAMES"]
+__all__ = ["InspectError", "INSTITUTION", "release_files", "imaging_index", "splits", "labels", "pe_positive",
+           "label_agreement", "SPLIT_NAMES", "PE_LABEL"]
 
 INSTITUTION = "inspect"
+# INSPECT's label of a PE on the CTPA, read from its report (TRUE or FALSE)
+PE_LABEL = "pe_positive_nlp"
 # INSPECT's split names -> the study's
 SPLIT_NAMES: dict[str, str] = {"train": "train", "valid": "val", "test": "test"}
 _COLUMNS = {
@@ -120,6 +125,21 @@ def labels(release: str | Path, column: str = "12_month_mortality") -> pd.Series
         raise InspectError(f"{path}: column {column!r} holds {values[mapped.isna()].iloc[0]!r}; expected TRUE, FALSE "
                            f"or Censored")
     return pd.Series(mapped.to_numpy(), index=frame["impression_id"].astype(str), name=column)
+
+
+def pe_positive(release: str | Path) -> pd.Series:
+    """Whether INSPECT's report found a PE on each ``impression_id``'s CTPA (``PE_LABEL``:
+    ``TRUE`` or ``FALSE``, any case), as bool."""
+    path = release_files(release)["labels"]
+    frame = _read(path, "labels")
+    if PE_LABEL not in frame.columns:
+        raise InspectError(f"{path}: no column {PE_LABEL!r} (INSPECT's PE label, which selects the studies with a PE; "
+                           f"data.inspect.pe_positive_only: false keeps every CTPA); it has {', '.join(frame.columns)}")
+    values = frame[PE_LABEL].astype(str).str.strip()
+    mapped = values.str.lower().map({"true": True, "false": False})
+    if mapped.isna().any():
+        raise InspectError(f"{path}: column {PE_LABEL!r} holds {values[mapped.isna()].iloc[0]!r}; expected TRUE or FALSE")
+    return pd.Series(mapped.astype(bool).to_numpy(), index=frame["impression_id"].astype(str), name=PE_LABEL)
 
 
 def label_agreement(cohort: pd.DataFrame, label: pd.Series, horizon_days: int = 365) -> tuple[pd.DataFrame, dict]:

@@ -127,11 +127,15 @@ class InspectSource(_Strict):
     With ``data.source: omop`` (the paper's design) INSPECT is the *external* cohort of task
     ``pe``, next to the internal CT archive ``data.omop.imaging.pe``: the models train on the
     internal source and INSPECT's studies are scored as ``external``; ``splits`` then names
-    the INSPECT splits whose studies are used (``train``, ``valid``, ``test``; default all)."""
+    the INSPECT splits whose studies are used (``train``, ``valid``, ``test``; default all).
+    ``pe_positive_only`` (default true): only the CTPAs whose report INSPECT labels as showing a
+    PE (``pe_positive_nlp``) enter the cohort, as in the paper ("mortality after PE"); false
+    keeps every CTPA of the release."""
 
     release: Path
     omop: str | Path
     splits: list[Literal["train", "valid", "test"]] | None = None
+    pe_positive_only: bool = True
 
 
 class DataSource(_Strict):

@@ -24,6 +24,7 @@ from helpers.vocabulary import OMOP_TABLES, VOCABULARY_TABLES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 N_FLIPPED = 3  # labels the fixture sets against the records, to be found by the agreement check
+N_NO_PE = 4  # CTPAs whose report shows no PE: not in the cohort of mortality after PE
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,12 @@ def release(tmp_path_factory):
                      np.where(t["recorded_time_days"] >= 365, "FALSE", "Censored"))
     decided = np.flatnonzero(np.isin(label, ["TRUE", "FALSE"]) & (t["defect"] == "").to_numpy())[:N_FLIPPED]
     label[decided] = np.where(label[decided] == "TRUE", "FALSE", "TRUE")
-    pd.DataFrame({"impression_id": impressions, "1_month_mortality": "FALSE", "12_month_mortality": label}).to_csv(
-        out / "labels_20250611.tsv", sep="\t", index=False)
+    # INSPECT's PE label (written True/FALSE, as its files mix cases): a few CTPAs without a PE,
+    # none of them a flipped label or a study without a split
+    no_pe = [k for k in range(len(index) - 2) if k not in set(decided)][-N_NO_PE:]
+    pe = np.where(np.isin(np.arange(len(index)), no_pe), "FALSE", "True")
+    pd.DataFrame({"impression_id": impressions, "pe_positive_nlp": pe, "1_month_mortality": "FALSE",
+                  "12_month_mortality": label}).to_csv(out / "labels_20250611.tsv", sep="\t", index=False)
     # the EHR as a CSV export: upper-case columns, null datetimes, deaths after the last encounter
     omop = out / "omop"
     omop.mkdir()
@@ -78,7 +83,7 @@ def release(tmp_path_factory):
         frame.columns = [c.upper() for c in frame.columns]
         frame.to_csv(omop / f"{table.upper()}.csv", index=False)
     return {"root": root, "release": out, "labels": label, "flipped": decided, "split": split_frame, "twin": twin,
-            "index": index, "impressions": impressions}
+            "index": index, "impressions": impressions, "no_pe": [impressions[k] for k in no_pe]}
 
 
 def _manifest(folder: Path, release: Path) -> Path:
@@ -109,6 +114,9 @@ def test_the_cohort_notebook_reads_inspect_as_downloaded(release, tmp_path):
     exclusions = pd.read_parquet(folder / "pe_exclusions.parquet")
     reasons = exclusions.groupby("reason").size()
     assert reasons.get("not in INSPECT's splits file") == 2
+    # the cohort is mortality after PE: the CTPAs whose report shows none are excluded, named
+    no_pe = exclusions[exclusions["reason"] == "no PE on the CTPA (INSPECT's pe_positive_nlp label)"]
+    assert sorted(no_pe["study_id"]) == sorted(release["no_pe"])
     # deaths after the last encounter are found: the derived outcome agrees with the records' truth
     truth = pd.read_parquet(release["twin"] / "ground_truth" / "factors.parquet").set_index("study_id")
     ids = dict(zip(release["impressions"], release["index"]["study_id"], strict=True))
@@ -160,6 +168,11 @@ def test_bad_release_files_are_named(release, tmp_path):
     (bad / "labels_20250611.tsv").write_text("impression_id\t12_month_mortality\nimp-1\tmaybe\n")
     with pytest.raises(ir.InspectError, match=r"column '12_month_mortality' holds 'maybe'"):
         ir.labels(bad)
+    with pytest.raises(ir.InspectError, match=r"no column 'pe_positive_nlp' .*pe_positive_only: false keeps every CTPA"):
+        ir.pe_positive(bad)
+    (bad / "labels_20250611.tsv").write_text("impression_id\tpe_positive_nlp\nimp-1\ttrue\nimp-2\tpossible\n")
+    with pytest.raises(ir.InspectError, match=r"column 'pe_positive_nlp' holds 'possible'; expected TRUE or FALSE"):
+        ir.pe_positive(bad)
     (bad / "study_mapping_20250611.tsv").write_text("impression_id\tperson_id\nimp-1\t1\nimp-1\t2\n")
     with pytest.raises(ir.InspectError, match=r"lacks column\(s\) image_id, procedure_datetime"):
         ir.imaging_index(bad)
@@ -175,6 +188,7 @@ def test_manifest_check_opens_the_sources(release, tmp_path, capsys):
     assert f"  person: {persons:,} rows" in out and "concept_ancestor:" in out
     assert f"INSPECT release {release['release']} (the study's data): {len(release['index']):,} studies" in out
     assert "splits train" in out and "manifest OK" in out
+    assert f"a PE on {len(release['index']) - N_NO_PE:,} CTPAs (the cohort keeps those)" in out
     (release["release"] / "omop" / "DEATH.csv").rename(tmp_path / "DEATH.csv")
     try:
         assert main(["manifest", "check", str(manifest)]) == 2
@@ -294,6 +308,21 @@ def test_inspect_external_keeps_the_splits_the_manifest_names(release, internal,
     assert len(not_among) and (given.loc[not_among.index] != "test").all()
     first = reasons[~reasons.index.isin(not_among.index) & (reasons != "not in INSPECT's splits file")]
     assert set(given[given != "test"].index) == set(not_among.index) | set(first.index[given.reindex(first.index) != "test"])
+
+
+def test_every_ctpa_is_kept_when_the_manifest_says_so(release, tmp_path):
+    from helpers.cohort import make_cohort
+    from helpers.manifest import load
+
+    path = _manifest(tmp_path, release["release"])
+    text = yaml.safe_load(path.read_text())
+    text["data"]["inspect"]["pe_positive_only"] = False
+    path.write_text(yaml.safe_dump(text))
+    every = make_cohort(load(path, verify=False), "pe", meds=False).result
+    positive = make_cohort(load(_manifest(tmp_path / "positive", release["release"]), verify=False), "pe",
+                           meds=False).result
+    assert set(every.cohort["study_id"]) - set(positive.cohort["study_id"]) == set(release["no_pe"])
+    assert "no PE on the CTPA (INSPECT's pe_positive_nlp label)" not in set(every.exclusions["reason"])
 
 
 def test_the_manifest_places_inspect_where_it_can_be(release, internal, tmp_path):
