@@ -111,7 +111,7 @@ class MechanismSpec:
     l2_grid: tuple[float, ...] = L2_GRID
     tuned_at: Path | None = None
     shifts: tuple[str, ...] = SHIFTS
-    shift_studies: int = 300
+    shift_studies: int = 400
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -440,12 +440,11 @@ def run_mechanism(spec: MechanismSpec, *, progress: bool = False) -> MechanismRe
                 val_c[l2] = result.scores["val"]["c_index"]
                 tuning.append({"task": task, "twin_seed": spec.twin_seed, "setting": grid[t].label, "fusion": fusion,
                                "l2": l2, "val_c_index": round(val_c[l2], 4)})
-                # keep only the best so far (ties: the smaller penalty)
+                # keep only the best run so far (ties: the smaller penalty)
                 held = tuned[fusion].spec.options["l2"] if fusion in tuned else None
                 if held is None or (val_c[l2], -l2) > (val_c[held], -held):
                     tuned[fusion] = result
-            best = max(val_c, key=lambda v: (val_c[v], -v))  # ties: the smaller penalty
-            assert tuned[fusion].spec.options["l2"] == best
+            best = tuned[fusion].spec.options["l2"]
             chosen[fusion] = {**spec.options, "l2": best}
             for row in tuning[-len(spec.l2_grid):]:
                 row["chosen"] = row["l2"] == best

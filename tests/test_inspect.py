@@ -325,6 +325,21 @@ def test_every_ctpa_is_kept_when_the_manifest_says_so(release, tmp_path):
     assert "no PE on the CTPA (INSPECT's pe_positive_nlp label)" not in set(every.exclusions["reason"])
 
 
+def test_a_study_id_in_both_sources_is_named(release, internal, tmp_path):
+    from helpers.cohort import CohortError, task_index
+    from helpers.manifest import load
+
+    copy = tmp_path / "internal"
+    shutil.copytree(internal, copy, ignore=shutil.ignore_patterns("images"))
+    index = pd.read_parquet(copy / "imaging_index.parquet")
+    index.loc[0, "study_id"] = release["impressions"][0]
+    index.to_parquet(copy / "imaging_index.parquet")
+    mixed = load(_mixed_manifest(tmp_path / "m", release["release"], copy), verify=False)
+    with pytest.raises(CohortError, match=rf"imaging index {copy}/imaging_index.parquet and INSPECT release "
+                                          rf"{release['release']}: 1 study_id\(s\) in both, e.g. 'imp-00000'"):
+        task_index(mixed, "pe")
+
+
 def test_the_manifest_places_inspect_where_it_can_be(release, internal, tmp_path):
     from helpers.manifest import ManifestError, load
 
